@@ -1,0 +1,5 @@
+import sys
+
+from efficientad.cli import main
+
+sys.exit(main())

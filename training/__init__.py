@@ -1,0 +1,1 @@
+"""Training package: networks, distillation, student + autoencoder training, statistics, evaluation."""
