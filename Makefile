@@ -31,3 +31,6 @@ format: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Each stage adds its own targets in mk/<stage>.mk (demo, bench, docker, soak, ...).
+-include mk/*.mk
