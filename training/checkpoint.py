@@ -154,7 +154,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"checkpoint metadata is not valid JSON: {metadata_path} ({error})") from None
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"not an EfficientAD checkpoint (format field missing or foreign): {metadata_path}")
+        raise CheckpointError(
+            f"not an EfficientAD checkpoint (format field missing or foreign): {metadata_path}"
+        )
     version = document.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
@@ -172,7 +174,8 @@ def _load_module(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor
             raise CheckpointError(f"{source}: tensor {key!r} is missing")
         if tuple(tensors[key].shape) != tuple(reference.shape):
             raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(reference.shape)}"
+                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"expected {tuple(reference.shape)}"
             )
     module.load_state_dict({name: tensors[f"{prefix}.{name}"].float() for name in expected})
 
@@ -198,7 +201,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
     try:
         config = ModelConfig(**document["model"])
     except (KeyError, TypeError) as error:
-        raise CheckpointError(f"{tensors_path}: model config missing or malformed in metadata ({error})") from None
+        raise CheckpointError(
+            f"{tensors_path}: model config missing or malformed in metadata ({error})"
+        ) from None
     try:
         teacher, student, autoencoder = build_networks(config.size, config.image_size)
     except ValueError as error:
@@ -212,7 +217,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoin
             raise CheckpointError(f"{tensors_path}: statistics tensor {key!r} is missing")
         stats_values[name] = tensors[key].float().to(device)
     if stats_values["teacher_mean"].shape != (config.teacher_channels,):
-        raise CheckpointError(f"{tensors_path}: stats.teacher_mean has shape {tuple(stats_values['teacher_mean'].shape)}")
+        raise CheckpointError(
+            f"{tensors_path}: stats.teacher_mean has shape {tuple(stats_values['teacher_mean'].shape)}"
+        )
     for module in (teacher, student, autoencoder):
         module.to(device).eval()
     return Checkpoint(

@@ -23,7 +23,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class PDN(nn.Module):
     """Patch description network. `size` picks PDN-S or PDN-M; `padding` is on only for distillation."""
 
-    def __init__(self, *, size: ModelSize = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False):
+    def __init__(
+        self, *, size: ModelSize = "small", out_channels: int = TEACHER_CHANNELS, padding: bool = False
+    ):
         super().__init__()
         if size not in ("small", "medium"):
             raise ValueError(f"PDN size must be 'small' or 'medium', got {size!r}")
@@ -117,9 +119,7 @@ class Autoencoder(nn.Module):
         return self.decoder(self.encoder(images))
 
 
-def build_networks(
-    size: ModelSize = "small", image_size: int = 256
-) -> tuple[PDN, PDN, Autoencoder]:
+def build_networks(size: ModelSize = "small", image_size: int = 256) -> tuple[PDN, PDN, Autoencoder]:
     """Teacher (384 ch), student (768 ch) and autoencoder for detection (no padding)."""
     teacher = PDN(size=size, out_channels=TEACHER_CHANNELS)
     student = PDN(size=size, out_channels=STUDENT_CHANNELS)

