@@ -1,0 +1,1 @@
+"""HTTP serving: settings, backends, dynamic batcher and the FastAPI app (never imports torch)."""

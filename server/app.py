@@ -1,0 +1,253 @@
+"""The FastAPI app: `create_app(settings)`; the lifespan loads, warms up and closes the models.
+
+Startup: for each model dir, read it, create its backend on the model's own worker thread, warm up the
+batch sizes 1, 2, 4, ... and max_batch_size on that thread, start its batcher; then ready.
+Shutdown (after uvicorn has stopped accepting and finished in-flight requests): not ready, each batcher
+finishes its queue, each backend is closed on its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from export.model_dir import ModelInfo, read_model_dir
+from server.backends import Backend, create_backend, warmup_batch_sizes
+from server.batcher import DynamicBatcher
+from server.config import BackendKind, Settings, usable_cpus
+from server.logs import configure_logging, log_access
+from server.metrics import ServerMetrics
+from server.routes import ApiError, router
+from server.ui import mount_operator_page
+
+logger = logging.getLogger(__name__)
+
+BackendFactory = Callable[[BackendKind, ModelInfo, Settings], Backend]
+
+
+@dataclass
+class ServedModel:
+    info: ModelInfo
+    backend: Backend
+    batcher: DynamicBatcher
+    executor: ThreadPoolExecutor  # the one thread that creates, runs and closes the backend
+
+
+@dataclass
+class ServingState:
+    """Everything the routes use: settings, models by name, readiness, metrics, the decode threads."""
+
+    settings: Settings
+    backend_factory: BackendFactory
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    ready: bool = False
+    status_detail: str = "starting"
+    decode_executor: ThreadPoolExecutor | None = None
+
+    @property
+    def default_model(self) -> str:
+        return self.settings.default_model_name()
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.decode_executor = ThreadPoolExecutor(
+            max_workers=settings.decode_threads or usable_cpus(), thread_name_prefix="ead-decode"
+        )
+        try:
+            for name, path in settings.models():
+                self.models[name] = await self._load(name, path)
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready, self.status_detail = True, "ready"
+        logger.info("ready: serving %s (default %s)", ", ".join(self.models), self.default_model)
+
+    async def _load(self, name: str, path: Path) -> ServedModel:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        self.status_detail = f"loading model {name}"
+        info = await asyncio.to_thread(read_model_dir, path, name=name)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ead-model-{name}")
+        started = time.perf_counter()
+        sizes = warmup_batch_sizes(settings.max_batch_size)
+        try:
+            backend = await loop.run_in_executor(
+                executor, self.backend_factory, settings.backend, info, settings
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        try:
+            await loop.run_in_executor(executor, backend.warmup, sizes)
+        except BaseException:
+            executor.submit(backend.close)
+            executor.shutdown(wait=False)
+            raise
+        batcher = DynamicBatcher(
+            backend.infer,
+            executor=executor,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            name=name,
+            metrics=self.metrics,
+        )
+        await batcher.start()
+        logger.info(
+            "model %s (version %s, %dx%d) on %s, warmed up batch sizes %s in %.1f s",
+            name,
+            info.version,
+            info.input_width,
+            info.input_height,
+            backend.name,
+            sizes,
+            time.perf_counter() - started,
+        )
+        return ServedModel(info, backend, batcher, executor)
+
+    async def stop(self) -> None:
+        self.ready, self.status_detail = False, "shutting down"
+        loop = asyncio.get_running_loop()
+        for name, model in list(self.models.items()):
+            await model.batcher.close(timeout_s=self.settings.graceful_shutdown_s)
+            try:
+                await loop.run_in_executor(model.executor, model.backend.close)
+            except Exception:
+                logger.exception("closing the backend of model %s failed", name)
+            model.executor.shutdown(wait=True)
+        self.models.clear()
+        if self.decode_executor is not None:
+            self.decode_executor.shutdown(wait=True)
+        logger.info("all models closed")
+
+
+class AccessLogMiddleware:
+    """One log line and the request metrics per HTTP request (route template, status, model, ms)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            seconds = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            state = scope.get("state", {})
+            self.metrics.observe_request(route, status, seconds)
+            log_access(
+                scope["method"],
+                route,
+                scope["path"],
+                status,
+                state.get("model"),
+                state.get("images", 0),
+                seconds * 1000,
+            )
+
+
+def _error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _api_error(_request: Any, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return _error_response(error.status, error.code, error.detail, error.headers)
+
+
+async def _validation_error(_request: Any, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = []
+    for problem in error.errors():
+        where = ".".join(
+            str(part) for part in problem.get("loc", ()) if part not in ("query", "path", "body")
+        )
+        got = (
+            f" (got {problem['input']!r})"
+            if "input" in problem and not isinstance(problem["input"], dict)
+            else ""
+        )
+        problems.append(f"{where}: {problem.get('msg', 'invalid')}{got}")
+    return _error_response(422, "invalid_parameter", "; ".join(problems) or "invalid request parameters")
+
+
+async def _http_error(_request: Any, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return _error_response(
+        error.status_code,
+        codes.get(error.status_code, "http_error"),
+        str(error.detail),
+        dict(error.headers or {}),
+    )
+
+
+async def _unexpected_error(_request: Any, error: Exception) -> JSONResponse:
+    logger.error("unhandled %s: %s", type(error).__name__, error)
+    return _error_response(500, "internal_error", "internal server error (see the server log)")
+
+
+def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None) -> FastAPI:
+    """The app for `settings` (default: from EAD_* variables). `backend_factory` replaces `create_backend`."""
+    settings = settings if settings is not None else Settings()
+    state = ServingState(settings, backend_factory or create_backend)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(
+        title="EfficientAD anomaly detection",
+        version="0.1.0",
+        description="Score images for anomalies with an exported EfficientAD model.",
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(AccessLogMiddleware, metrics=state.metrics)
+    app.include_router(router)
+    mount_operator_page(app)
+    return app
+
+
+def create_app_from_environment() -> FastAPI:
+    """uvicorn's app factory for `--workers N`: settings from EAD_* and logging set up as by the CLI."""
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return create_app(settings)

@@ -1,0 +1,67 @@
+"""Response shapes of the HTTP API, for the OpenAPI page (/docs) and for clients to read."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Timings(BaseModel):
+    decode: float = Field(description="ms decoding and resizing the image")
+    queue: float = Field(description="ms waiting for a batch")
+    inference: float = Field(description="ms of the batched inference call")
+    encode: float = Field(description="ms encoding the heatmap PNG")
+    total: float = Field(description="ms from the request's start to this result")
+
+
+class Prediction(BaseModel):
+    model: str
+    model_version: str = Field(description="first 12 hex digits of model.onnx's sha256")
+    score: float = Field(description="image anomaly score: the maximum of the anomaly map")
+    is_anomaly: bool = Field(description="score > threshold (false when there is no threshold)")
+    threshold: float | None
+    heatmap_png: str | None = Field(description="base64 PNG of the anomaly map, null with heatmap=none")
+    heatmap_size: list[int] | None = Field(description="[width, height] of the heatmap PNG")
+    image_size: list[int] = Field(description="[width, height] of the uploaded image")
+    timings_ms: Timings
+
+
+class FilePrediction(Prediction):
+    filename: str
+
+
+class BatchPrediction(BaseModel):
+    model: str
+    model_version: str
+    results: list[FilePrediction]
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="a short machine-readable code, e.g. undecodable_image")
+    detail: str = Field(description="what was wrong, for a person")
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    input_size: list[int] = Field(description="[width, height] the model runs at")
+    model_size: str = Field(description="small or medium (PDN size)")
+    threshold: float | None
+    backend: str
+    max_batch_size: int
+    max_batch_delay_ms: float
+    default: bool
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelDescription]
+
+
+class Liveness(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    models: list[str]
+    detail: str | None = None
