@@ -11,14 +11,13 @@ Torch-free on purpose: the server imports this module to find and describe its m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from efficientad.errors import UserError
+from efficientad.files import file_sha256, read_versioned_json
 
 MODEL_FORMAT = "efficientad-model"
 MODEL_FORMAT_VERSION = 1
@@ -52,14 +51,6 @@ class ModelInfo:
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_model_dir(path: Path, *, name: str | None = None, verify_hash: bool = True) -> ModelInfo:
     """Describe the model in `path`; a ModelDirError naming the path if it is not a complete model dir.
 
@@ -76,20 +67,13 @@ def read_model_dir(path: Path, *, name: str | None = None, verify_hash: bool = T
         raise ModelDirError(
             f"{onnx_path} is missing: the model directory is incomplete (re-run `efficientad export`)"
         )
-    try:
-        document = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelDirError(f"{json_path} is not valid JSON ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != MODEL_FORMAT:
-        raise ModelDirError(
-            f"{json_path} is not an EfficientAD model description (format is not {MODEL_FORMAT!r})"
-        )
-    version = document.get("format_version")
-    if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
-        raise ModelDirError(
-            f"{json_path}: model format version {version!r} is not supported (this build reads <= "
-            f"{MODEL_FORMAT_VERSION})"
-        )
+    document = read_versioned_json(
+        json_path,
+        expected_format=MODEL_FORMAT,
+        max_version=MODEL_FORMAT_VERSION,
+        error=ModelDirError,
+        what="an EfficientAD model description",
+    )
     try:
         image_input = document["input"]
         height, width = int(image_input["height"]), int(image_input["width"])

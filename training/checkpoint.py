@@ -7,11 +7,8 @@ foreign.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from efficientad.errors import UserError
+from efficientad.files import atomic_write, file_sha256, read_versioned_json
 from training.anomaly_maps import MapStatistics
 from training.networks import PDN, Autoencoder, ModelSize, build_networks
 
@@ -74,14 +72,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resolve(path: Path) -> tuple[Path, Path]:
     """A run dir, a .safetensors or a .json path -> (tensors file, metadata file)."""
     path = Path(path)
@@ -90,19 +80,6 @@ def _resolve(path: Path) -> tuple[Path, Path]:
     if path.suffix == ".json":
         return path.with_suffix(".safetensors"), path
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def save_checkpoint(
@@ -128,7 +105,7 @@ def save_checkpoint(
             tensors[f"{prefix}.{name}"] = value.detach().to("cpu", dtype).contiguous()
     for name, value in stats.as_dict().items():
         tensors[f"stats.{name}"] = value.detach().to("cpu", torch.float32).reshape(value.shape).contiguous()
-    _atomic_write(tensors_path, lambda temporary: save_file(tensors, str(temporary)))
+    atomic_write(tensors_path, lambda temporary: save_file(tensors, str(temporary)))
     document = {
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -140,30 +117,20 @@ def save_checkpoint(
         "versions": versions(),
     }
     text = json.dumps(document, indent=2, sort_keys=False, default=str)
-    _atomic_write(metadata_path, lambda temporary: temporary.write_text(text + "\n"))
+    atomic_write(metadata_path, lambda temporary: temporary.write_text(text + "\n"))
     return tensors_path
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The checkpoint's JSON document, checked for format and version."""
     _, metadata_path = _resolve(Path(path))
-    if not metadata_path.is_file():
-        raise CheckpointError(f"checkpoint metadata not found: {metadata_path}")
-    try:
-        document = json.loads(metadata_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"checkpoint metadata is not valid JSON: {metadata_path} ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"not an EfficientAD checkpoint (format field missing or foreign): {metadata_path}"
-        )
-    version = document.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint format version {version!r} is not supported (this build reads <= {FORMAT_VERSION}): "
-            f"{metadata_path}"
-        )
-    return document
+    return read_versioned_json(
+        metadata_path,
+        expected_format=CHECKPOINT_FORMAT,
+        max_version=FORMAT_VERSION,
+        error=CheckpointError,
+        what="an EfficientAD checkpoint's metadata",
+    )
 
 
 def _load_module(module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], source: Path) -> None:

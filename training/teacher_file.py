@@ -7,8 +7,6 @@ header carries "format": "efficientad-teacher", the PDN "size" and provenance (b
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from efficientad.files import atomic_write
 from training.checkpoint import CheckpointError
 from training.networks import PDN, TEACHER_CHANNELS
 
@@ -50,15 +49,7 @@ def save_teacher(path: Path, teacher: PDN, metadata: dict[str, str]) -> None:
     }
     header = {key: _as_text(value) for key, value in metadata.items()}
     header.update(format=TEACHER_FORMAT, format_version=TEACHER_FORMAT_VERSION, size=teacher.size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=header)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
 
 
 def load_teacher(path: Path) -> tuple[PDN, dict[str, str]]:

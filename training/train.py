@@ -32,13 +32,13 @@ from torch import nn
 from tqdm import tqdm
 
 from efficientad.errors import UserError
+from efficientad.files import atomic_write
 from training.augment import random_color_jitter, random_penalty_crops
 from training.checkpoint import (
     METADATA_FILE,
     TENSORS_FILE,
     CheckpointError,
     ModelConfig,
-    _atomic_write,
     file_sha256,
     save_checkpoint,
 )
@@ -197,7 +197,7 @@ def _save_state(
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     tensors_path = run_dir / STATE_TENSORS_FILE
-    _atomic_write(tensors_path, lambda temporary: save_file(tensors, str(temporary)))
+    atomic_write(tensors_path, lambda temporary: save_file(tensors, str(temporary)))
     document = {
         "format": STATE_FORMAT,
         "step": loop.step,
@@ -207,7 +207,7 @@ def _save_state(
         **shared,
         "tensors_sha256": file_sha256(tensors_path),
     }
-    _atomic_write(
+    atomic_write(
         run_dir / STATE_FILE, lambda temporary: temporary.write_text(json.dumps(document, indent=2) + "\n")
     )
     logger.info("saved the training state at step %d to %s", loop.step, run_dir / STATE_FILE)
