@@ -1,4 +1,4 @@
-"""File helpers shared by every stage (torch-free): content hashes, atomic writes, versioned JSON documents."""
+"""File helpers shared by every stage (torch-free): hashes, atomic writes, versioned JSON documents."""
 
 from __future__ import annotations
 
