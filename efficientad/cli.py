@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
-            if error.name == module_name:  # a stage not present in this install
+            if error.name in (module_name, module_name.partition(".")[0]):  # stage not in this install
                 continue
             raise
         module.register(subcommands)
