@@ -23,6 +23,8 @@ from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
+FAILURES_BEFORE_UNHEALTHY = 3  # batches failed in a row before readiness reports the backend broken
+
 InferFunction = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -89,11 +91,26 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self._running_since: float | None = None  # time.monotonic() when the current inference started
+        self._failures_in_a_row = 0
+        self._last_failure = 0.0  # time.monotonic() of the last failed batch
+        self._last_error = ""
         if metrics is not None:
             metrics.track_queue_length(name, self.queue_length)
 
     def queue_length(self) -> int:
         return len(self._pending)
+
+    def health_problem(self, *, stall_after_s: float) -> str | None:
+        """Why this model cannot answer now (None: it can): an inference call running longer than
+        `stall_after_s` (a hung backend), or the last FAILURES_BEFORE_UNHEALTHY batches all failed, the
+        last of them less than `stall_after_s` ago (then it is tried again: no permanent exclusion)."""
+        now = time.monotonic()
+        if self._running_since is not None and now - self._running_since > stall_after_s:
+            return f"inference has been running for {now - self._running_since:.1f} s (hung backend?)"
+        if self._failures_in_a_row >= FAILURES_BEFORE_UNHEALTHY and now - self._last_failure < stall_after_s:
+            return f"the last {self._failures_in_a_row} batches failed ({self._last_error})"
+        return None
 
     async def start(self) -> None:
         """Start the worker task on the running event loop."""
@@ -200,11 +217,15 @@ class DynamicBatcher:
         started = time.monotonic()
         queue_s = [started - request.enqueued for request in batch]
         images = [request.image for request in batch]
+        self._running_since = started
         try:
             maps, scores, inference_s = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self._infer_stacked, images
             )
         except Exception as error:
+            self._failures_in_a_row += 1
+            self._last_failure = time.monotonic()
+            self._last_error = f"{type(error).__name__}: {error}"
             logger.exception("batch of %d for model %s failed", len(batch), self.name)
             failure = InferenceFailed(
                 f"inference failed for a batch of {len(batch)}: {type(error).__name__}: {error}"
@@ -213,6 +234,9 @@ class DynamicBatcher:
                 if not request.future.done():
                     request.future.set_exception(failure)
             return
+        finally:
+            self._running_since = None
+        self._failures_in_a_row = 0
         if self.metrics is not None:
             self.metrics.observe_batch(self.name, len(batch), inference_s, queue_s)
         for index, request in enumerate(batch):
@@ -232,5 +256,9 @@ class DynamicBatcher:
             raise ValueError(
                 f"backend returned anomaly_map {maps.shape} and score {scores.shape} "
                 f"for input {stacked.shape}"
+            )
+        if not np.isfinite(scores).all():
+            raise ValueError(
+                f"backend returned non-finite scores {scores.tolist()} for input {stacked.shape}"
             )
         return maps, scores, seconds

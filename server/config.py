@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     heatmap_style: HeatmapStyle = Field("jet", description="default for ?heatmap_style=")
     heatmap_size: HeatmapSize = Field("model", description="default for ?heatmap_size=")
     api_key: SecretStr | None = Field(
-        None, description="if set, /predict and /v1/* need it (X-API-Key or Bearer)"
+        None,
+        description="if set, the predict routes need it (X-API-Key or Bearer); health, metrics, "
+        "model info and the operator page stay open for probes",
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="TCP port")

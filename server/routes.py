@@ -212,10 +212,16 @@ async def live() -> dict[str, str]:
 )
 async def ready(request: Request) -> JSONResponse:
     state = serving_state(request)
-    if state.ready:
+    stall_after_s = state.settings.request_timeout_ms / 1000
+    problems = [
+        f"model {name}: {problem}"
+        for name, model in state.models.items()
+        if (problem := model.batcher.health_problem(stall_after_s=stall_after_s)) is not None
+    ]
+    if state.ready and not problems:
         return JSONResponse({"status": "ready", "models": list(state.models)})
     return JSONResponse(
-        {"status": "not_ready", "models": [], "detail": state.status_detail},
+        {"status": "not_ready", "models": [], "detail": "; ".join(problems) or state.status_detail},
         status_code=503,
         headers=_retry_after(state),
     )
