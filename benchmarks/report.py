@@ -1,6 +1,6 @@
 """The benchmark report: one versioned JSON document, a Markdown table and a latency/throughput plot.
 
-Schema (version 1), documented field by field in docs/sections/bench.md:
+Schema (version 1), documented field by field in README.md, "Benchmarks":
 
     schema_version, created, device{}, host{}, versions{}, model{}, settings{},
     backends[] {name, precision, device, batch_size, p50_ms, p90_ms, p99_ms, mean_ms, images_per_s,
