@@ -25,7 +25,15 @@ SMALL_SIZE = 64  # px: the fast model for most tests
 TEST_THRESHOLD = 0.1
 
 
-def export_random_model(root: Path, image_size: int, *, name: str, seed: int = 0) -> Path:
+def export_random_model(
+    root: Path,
+    image_size: int,
+    *,
+    name: str,
+    seed: int = 0,
+    threshold: float = TEST_THRESHOLD,
+    parity_images: list[Path] | None = None,
+) -> Path:
     """A random-weight checkpoint (as in contracts.md) exported to `root/name` (model.onnx + model.json)."""
     import torch
 
@@ -44,9 +52,9 @@ def export_random_model(root: Path, image_size: int, *, name: str, seed: int = 0
         student=student,
         autoencoder=autoencoder,
         stats=MapStatistics.identity(),
-        metadata={"threshold": TEST_THRESHOLD, "teacher": {"source": "random", "random": True}},
+        metadata={"threshold": threshold, "teacher": {"source": "random", "random": True}},
     )
-    export_model(run_dir, root / name, parity_images=COOKIE_IMAGES[:2])
+    export_model(run_dir, root / name, parity_images=parity_images or COOKIE_IMAGES[:2])
     return root / name
 
 

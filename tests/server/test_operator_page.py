@@ -68,26 +68,13 @@ SCORE_IN_JSON = re.compile(r'"score"\s*:\s*(-?[0-9.eE+-]+)')
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 px model dir exported from a random-weight checkpoint."""
-    torch = pytest.importorskip("torch")
-    from export.exporter import export_model
-    from training.anomaly_maps import MapStatistics
-    from training.checkpoint import ModelConfig, save_checkpoint
-    from training.networks import build_networks
+    pytest.importorskip("torch")
+    from tests.server.conftest import export_random_model
 
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("operator-page")
-    teacher, student, autoencoder = build_networks("small", IMAGE_SIZE)
-    save_checkpoint(
-        root / "run",
-        config=ModelConfig(size="small", image_size=IMAGE_SIZE),
-        teacher=teacher,
-        student=student,
-        autoencoder=autoencoder,
-        stats=MapStatistics.identity(),
-        metadata={"threshold": THRESHOLD, "teacher": {"source": "random", "random": True}},
+    return export_random_model(
+        root, IMAGE_SIZE, name="cookie-line", threshold=THRESHOLD, parity_images=[ANOMALY_IMAGE]
     )
-    export_model(root / "run", root / "cookie-line", parity_images=[ANOMALY_IMAGE])
-    return root / "cookie-line"
 
 
 @contextmanager
