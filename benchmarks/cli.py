@@ -37,10 +37,11 @@ def _float_list(text: str) -> list[float]:
 def register(subcommands: argparse._SubParsersAction) -> None:
     bench = subcommands.add_parser(
         "bench",
-        help="benchmark backends, pipeline stages and the HTTP server",
+        help="benchmark backends, pipeline stages, training steps and the HTTP server",
         description="Latency and throughput per backend and batch size, per pipeline stage, and over HTTP "
-        "under load; writes benchmarks/results/<device>-<date>.json + .md + .png. Without --model-dir or "
-        "--run-dir a random-weight model is made for timing (said so in the report).",
+        "under load; seconds per distillation and training step; writes "
+        "benchmarks/results/<device>-<date>.json + .md + .png. Without --model-dir or --run-dir a "
+        "random-weight model is made for timing (said so in the report).",
     )
     model = bench.add_argument_group("model")
     model.add_argument("--model-dir", type=Path, help="exported model dir (model.onnx + model.json)")
@@ -84,6 +85,18 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     stages = bench.add_argument_group("pipeline stages")
     stages.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
     stages.add_argument("--stage-sizes", type=_int_list, default=[256, 1024], help="JPEG sides (256,1024)")
+    training = bench.add_argument_group("training speed (on the GPU with --gpu, else the CPU)")
+    training.add_argument("--no-training", action="store_true", help="skip the distill / train step timings")
+    training.add_argument(
+        "--training-sizes",
+        type=_int_list,
+        default=[128, 256],
+        help="train step image sides, multiples of 32 >= 64 (128,256); distill: 256 px with 128 px crops "
+        "and 128 px whole, batch 8",
+    )
+    training.add_argument(
+        "--training-steps", type=int, default=None, help="timed steps per training case (5; --gpu 50)"
+    )
     http = bench.add_argument_group("HTTP")
     http.add_argument("--no-http", action="store_true", help="skip the HTTP server runs")
     http.add_argument(
@@ -149,6 +162,10 @@ def bench_command(args: argparse.Namespace) -> int:
         "server_request_timeout_ms",
     ):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _positive("--training-steps", args.training_steps)
+    bad_sizes = [size for size in args.training_sizes if size < 64 or size % 32]
+    if bad_sizes:
+        raise UserError(f"--training-sizes must be multiples of 32 and at least 64, got {bad_sizes}")
     if args.warmup is not None and args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
     if args.model_dir is not None and not args.model_dir.is_dir():
@@ -186,6 +203,10 @@ def bench_command(args: argparse.Namespace) -> int:
         server_max_batch_size=args.server_max_batch_size,
         server_max_batch_delay_ms=args.server_max_batch_delay_ms,
         server_request_timeout_ms=args.server_request_timeout_ms,
+        training=not args.no_training,
+        training_sizes=args.training_sizes,
+        training_steps=args.training_steps or (50 if gpu else 5),
+        training_warmup=10 if gpu else 2,
         out_dir=args.out or DEFAULT_OUT_DIR,
         work_dir=args.work_dir,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),

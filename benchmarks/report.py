@@ -9,7 +9,10 @@ Schema (version 1), documented field by field in README.md, "Benchmarks":
     http[]     {mode, concurrency, rate, arrivals, duration_s, requests, ok, errors{}, p50_ms, p95_ms,
                 p99_ms, mean_ms, max_ms, throughput_rps, mean_batch_size, batches, max_send_lag_ms, ...},
     derived{}  {http_c32_over_c1, server_overhead_ms, server_backend, ...},
-    notes[]
+    notes[],
+    training_speed{} {device, rows[] {stage, device, precision, image_size, crop, batch_size, median_s,
+                      p90_s, steps_per_s, images_per_s, steps, warmup, notes}, notes[]}
+                     (optional: reports written before it existed lack it; rows [] when skipped)
 """
 
 from __future__ import annotations
@@ -71,6 +74,21 @@ HTTP_KEYS = {
     "errors": dict,
 }
 DERIVED_KEYS = {"http_c32_over_c1": OPTIONAL_NUMBER, "server_overhead_ms": OPTIONAL_NUMBER}
+TRAINING_SPEED_KEYS = {"device": str, "rows": list, "notes": list}
+TRAINING_ROW_KEYS = {
+    "stage": str,
+    "device": str,
+    "precision": str,
+    "image_size": int,
+    "crop": (int, type(None)),
+    "batch_size": int,
+    "median_s": NUMBER,
+    "p90_s": NUMBER,
+    "steps_per_s": NUMBER,
+    "images_per_s": NUMBER,
+    "steps": int,
+    "warmup": int,
+}
 
 
 def _check(document: Any, keys: dict[str, Any], where: str) -> list[str]:
@@ -104,6 +122,13 @@ def validate_report(report: Any) -> list[str]:
     ):
         for index, row in enumerate(rows):
             problems += _check(row, keys, f"{name}[{index}]")
+    if "training_speed" in report:  # optional: older reports have no such section
+        training = report["training_speed"]
+        section = _check(training, TRAINING_SPEED_KEYS, "training_speed")
+        problems += section
+        if not section:
+            for index, row in enumerate(training["rows"]):
+                problems += _check(row, TRAINING_ROW_KEYS, f"training_speed.rows[{index}]")
     return problems
 
 
@@ -174,8 +199,11 @@ def build_report(
     server_backend: str | None,
     notes: list[str],
     reference_b1_ms: float | None = None,
+    training_speed: dict[str, Any] | None = None,
     created: datetime.datetime | None = None,
 ) -> dict[str, Any]:
+    """The report document; `training_speed` is `benchmarks.training_speed.TrainingSpeed.as_dict()`
+    (None: the section was not run, an empty one is written)."""
     created = created or datetime.datetime.now(datetime.UTC)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -190,6 +218,7 @@ def build_report(
         "http": http,
         "derived": derive(backends, http, server_backend, reference_b1_ms),
         "notes": notes,
+        "training_speed": training_speed or {"device": device["name"], "rows": [], "notes": []},
     }
 
 
@@ -224,6 +253,8 @@ BACKEND_HEADER += ["p50 ms", "p90 ms", "p99 ms", "images/s"]
 STAGE_HEADER = ["JPEG input", "stage", "p50 ms", "p90 ms", "p99 ms", "detail"]
 HTTP_HEADER = ["mode", "concurrency / rate", "p50 ms", "p95 ms", "p99 ms", "req/s", "mean batch"]
 HTTP_HEADER += ["server queue p50 ms", "server inference p50 ms", "ok", "errors"]
+TRAINING_HEADER = ["stage", "precision", "image", "crop", "batch", "median s/step", "p90 s/step"]
+TRAINING_HEADER += ["steps/s", "images/s"]
 
 
 def _backend_cells(row: dict[str, Any]) -> list[str]:
@@ -265,8 +296,38 @@ def _http_cells(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def _training_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        row["stage"],
+        row["precision"],
+        str(row["image_size"]),
+        "-" if row["crop"] is None else str(row["crop"]),
+        str(row["batch_size"]),
+        _fmt(row["median_s"], 4),
+        _fmt(row["p90_s"], 4),
+        _fmt(row["steps_per_s"], 2),
+        _fmt(row["images_per_s"], 1),
+    ]
+
+
+def training_speed_markdown(section: dict[str, Any]) -> list[str]:
+    """The "Training speed" table (a row per stage x precision x size), the rows' notes, then the
+    section's notes; [] when the section has neither rows nor notes."""
+    rows, notes = section.get("rows") or [], section.get("notes") or []
+    if not rows and not notes:
+        return []
+    lines = [f"### Training speed ({section.get('device', '?')}; seconds per optimiser step)", ""]
+    if rows:
+        lines += _table(TRAINING_HEADER, [_training_cells(row) for row in rows])
+        lines.append("")
+    row_notes = list(dict.fromkeys(row["notes"] for row in rows if row.get("notes")))
+    lines += [f"- {note}" for note in [*row_notes, *notes]]
+    return lines
+
+
 def markdown_report(report: dict[str, Any]) -> str:
-    """The report as Markdown: backends (a row per backend x batch size), stages, HTTP, derived."""
+    """The report as Markdown: backends (a row per backend x batch size), stages, HTTP, training speed,
+    derived."""
     model, device, versions = report["model"], report["device"], report["versions"]
     shown_versions = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k in _SHOWN_VERSIONS)
     weights = f"{model['weights']} weights"
@@ -296,6 +357,9 @@ def markdown_report(report: dict[str, Any]) -> str:
             "",
             *_table(HTTP_HEADER, [_http_cells(row) for row in report["http"]]),
         ]
+    training = training_speed_markdown(report.get("training_speed") or {})
+    if training:
+        lines += ["", *training]
     derived = report["derived"]
     lines += [
         "",

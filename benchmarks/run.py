@@ -1,4 +1,5 @@
-"""`efficientad bench` end to end: model -> backends x batch sizes -> stages -> HTTP -> report files."""
+"""`efficientad bench` end to end: model -> backends x batch sizes -> stages -> training speed -> HTTP ->
+report files."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ class BenchSettings:
     server_max_batch_size: int = 16
     server_max_batch_delay_ms: float = 2.0
     server_request_timeout_ms: float = 60_000.0  # past it the server answers 504 (its own default: 10 s)
+    # training speed (benchmarks.training_speed): on the GPU with `gpu`, else the CPU
+    training: bool = True
+    training_sizes: list[int] = field(default_factory=lambda: [128, 256])  # train step image sides
+    training_batch: int = 1  # the paper's batch
+    training_distill: list[tuple[int, int | None]] = field(
+        default_factory=lambda: [(256, None), (256, 128), (128, 96)]
+    )  # distill cases: (image side, crop side or None for whole images)
+    training_distill_batch: int = 8
+    training_backbone: bool = True  # also time the backbone's targets (what the distillation cache saves)
+    training_backbone_batch: int = 1  # images per backbone call (the distillation computes one at a time)
+    training_penalty: bool = True  # train steps with penalty crops (the paper's setting)
+    training_warmup: int = 2  # untimed steps per case
+    training_steps: int = 5  # timed steps per case (fewer, at least 2, past max_case_s)
     # files
     out_dir: Path = DEFAULT_OUT_DIR
     work_dir: Path | None = None  # inputs, server log (and the model without a cache; default: a temp dir)
@@ -166,6 +180,34 @@ def serving_backend(backends: list[BenchBackend]) -> BenchBackend | None:
             if backend.name == name and backend.includes_transfer is not False:
                 return backend
     return None
+
+
+# ---------------------------------------------------------------- training speed
+
+
+def bench_training(settings: BenchSettings, device_kind: str, notes: list[str]) -> dict[str, Any] | None:
+    """The training speed section (`TrainingSpeed.as_dict()`) on the device the bench runs on; None if
+    it cannot run here (noted)."""
+    try:
+        from benchmarks.training_speed import time_training
+    except ModuleNotFoundError as error:  # a serving-only install: no torch
+        logger.warning("training speed skipped: %s", error)
+        notes.append(f"training speed skipped: {error}")
+        return None
+    section = time_training(
+        "cuda" if device_kind == "cuda" else "cpu",
+        train_sizes=settings.training_sizes,
+        train_batch=settings.training_batch,
+        distill_cases=settings.training_distill,
+        distill_batch=settings.training_distill_batch,
+        backbone=settings.training_backbone,
+        backbone_batch=settings.training_backbone_batch,
+        penalty=settings.training_penalty,
+        warmup=settings.training_warmup,
+        steps=settings.training_steps,
+        budget_s=settings.max_case_s,
+    )
+    return section.as_dict()
 
 
 # ---------------------------------------------------------------- HTTP
@@ -318,6 +360,11 @@ def run_bench(settings: BenchSettings) -> tuple[dict[str, Any], dict[str, Path]]
             for backend in backends:
                 backend.close()
 
+        training_speed = (
+            bench_training(settings, device["kind"], notes)
+            if settings.training
+            else {"device": device["name"], "rows": [], "notes": ["not run (--no-training)"]}
+        )
         http_rows: list[dict[str, Any]] = []
         if settings.http:
             try:
@@ -355,6 +402,7 @@ def run_bench(settings: BenchSettings) -> tuple[dict[str, Any], dict[str, Path]]
             server_backend=server_backend,
             notes=notes,
             reference_b1_ms=reference_b1_ms,
+            training_speed=training_speed,
         )
         paths = write_report(report, Path(settings.out_dir))
         return report, paths

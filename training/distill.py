@@ -2,8 +2,24 @@
 
 The PDN (with padding, so its 64x64 grid at 256 px lines up with the backbone's) sees each image at the
 PDN resolution with ImageNet normalisation; the backbone sees the same image at twice that resolution.
-The backbone's features are first standardised per channel with a mean and std estimated on up to
+The backbone's features are standardised per channel with a mean and std estimated on up to
 `STATISTICS_IMAGES` of the distillation images; the loss is the mean squared error to those targets.
+
+What makes it affordable on a CPU:
+- Random crops (`crop_size`): the PDN is fully convolutional with a 33-px receptive field, so a crop at a
+  position that is a multiple of 4 px gives the matching window of the whole image's output grid (away
+  from the crop's padded border). The PDN runs on the crop, the target is the same window of the backbone
+  features of the whole image: about a quarter of the cost per image for 128-px crops of 256-px images.
+- Targets computed once: the backbone's standardised features of each image (and of its grayscale
+  version, the one augmentation, p = 0.1 as in the reference pretraining) are cached in memory as
+  float16 up to `cache_gb`; the images are decoded once. On a 2-core CPU the backbone (1.6 s for 8
+  images at 512 px) otherwise costs more than the PDN step on 96-px crops (0.9 s).
+- bfloat16 autocast where the hardware computes it natively (`precision`, see training.device).
+
+Resumable: every `save_every` steps and on Ctrl-C, `<out>.state.safetensors` + `<out>.state.json` (weights,
+Adam moments, statistics, losses; no pickle) are written; `resume=True` continues from them. Each step's
+random draws come from a generator seeded with (seed, step) and every target is computed one image at a
+time, so a resumed run on the CPU repeats the uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -12,58 +28,80 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from efficientad.errors import UserError
+from efficientad.files import atomic_write
 from training.anomaly_maps import imagenet_normalise
+from training.augment import GRAY_WEIGHTS
 from training.backbones import BACKBONES, Backbone, build_backbone
-from training.checkpoint import file_sha256, versions
-from training.device import resolve_device
+from training.checkpoint import CheckpointError, file_sha256, versions
+from training.device import autocast, resolve_device, resolve_precision
 from training.images import list_images, load_rgb, to_uint8_tensor
-from training.networks import PDN, TEACHER_CHANNELS, ModelSize
+from training.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, ModelSize
 from training.teacher_file import save_teacher
 
 logger = logging.getLogger(__name__)
 
 STATISTICS_IMAGES = 256  # images used to estimate the backbone's channel mean and std
-GRAYSCALE_PROBABILITY = 0.1  # as in the paper's pretraining
+GRAYSCALE_PROBABILITY = 0.1  # as in the paper's reference pretraining
 PROGRESS_EVERY = 10  # steps between loss updates on the progress bar
 CONTENT_FINGERPRINT_LIMIT = 20_000  # larger folders are fingerprinted by file names and sizes
 LOSS_WINDOW = 100  # initial and final loss: means over the first and last this many steps (<= steps/4)
+IMAGE_CACHE_LIMIT = 20_000  # folders up to this many images keep their decoded PDN-size images in memory
+STATE_FORMAT = "efficientad-distill-state"
+RESUME_MAY_CHANGE = ("device", "save_every")
 
 
-class DistillationImages(Dataset):
-    """Each item: the same image at the PDN size and at the backbone size, both (3, S, S) uint8.
+@dataclass
+class DistillSettings:
+    backbone: str = "efficientnet-lite0"
+    size: ModelSize = "small"
+    steps: int = 10_000
+    batch_size: int = 8
+    image_size: int = 256
+    crop_size: int | None = None  # None: whole images
+    precision: str = "auto"
+    seed: int = 0
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    cache_gb: float = 8.0  # memory for cached backbone targets
+    save_every: int = 500  # steps between resumable states; 0: only on Ctrl-C
+    device: str = "auto"
 
-    With `augment`, a random horizontal flip and (with probability 0.1) grayscale, applied to both.
-    """
+    def check(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise UserError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.size not in ("small", "medium"):
+            raise UserError(f"--size must be small or medium, got {self.size!r}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.image_size < 32 or self.image_size % PDN_STRIDE:
+            raise UserError(f"--image-size must be a multiple of 4 and at least 32, got {self.image_size}")
+        crop = self.crop_size
+        if crop is not None and (crop < 32 or crop % PDN_STRIDE or crop > self.image_size):
+            raise UserError(
+                f"--crop-size must be a multiple of 4, at least 32 and at most --image-size "
+                f"({self.image_size}), got {crop}"
+            )
+        if self.save_every < 0:
+            raise UserError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.cache_gb < 0:
+            raise UserError(f"--cache-gb must be >= 0, got {self.cache_gb}")
 
-    def __init__(self, paths: list[Path], *, image_size: int, backbone_size: int, augment: bool):
-        self.paths = paths
-        self.image_size = image_size
-        self.backbone_size = backbone_size
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_rgb(self.paths[index])
-        if self.augment:
-            flip, gray = torch.rand(2).tolist()
-            if flip < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if gray < GRAYSCALE_PROBABILITY:
-                image = image.convert("L").convert("RGB")
-        return to_uint8_tensor(image, self.image_size), to_uint8_tensor(image, self.backbone_size)
+    @property
+    def crop(self) -> int:
+        return self.crop_size or self.image_size
 
 
 def dataset_fingerprint(paths: list[Path]) -> tuple[str, str]:
@@ -81,158 +119,404 @@ def dataset_fingerprint(paths: list[Path]) -> tuple[str, str]:
     return digest.hexdigest(), "names+contents" if by_content else "names+sizes"
 
 
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 RGB -> the same shape, each pixel its luma in all three channels."""
+    weights = torch.tensor(GRAY_WEIGHTS, dtype=torch.float32).view(3, 1, 1)
+    luma = (images.float() * weights).sum(dim=-3, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    return luma.expand_as(images).contiguous()
+
+
+def crop_window(features: torch.Tensor, top: int, left: int, crop: int) -> torch.Tensor:
+    """The cells of a (..., g, g) PDN-grid map that a `crop`-px crop at pixel (top, left) covers."""
+    cells, row, column = crop // PDN_STRIDE, top // PDN_STRIDE, left // PDN_STRIDE
+    return features[..., row : row + cells, column : column + cells]
+
+
+class DistillationImages:
+    """The distillation images, decoded on demand (once, for folders up to IMAGE_CACHE_LIMIT images)."""
+
+    def __init__(self, paths: list[Path], *, image_size: int, backbone_size: int):
+        self.paths = paths
+        self.image_size = image_size
+        self.backbone_size = backbone_size
+        self._pdn_images: dict[int, torch.Tensor] = {}
+        self._keep = len(paths) <= IMAGE_CACHE_LIMIT
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def pdn_image(self, index: int) -> torch.Tensor:
+        """(3, S, S) uint8 at the PDN's image size."""
+        cached = self._pdn_images.get(index)
+        if cached is None:
+            cached = to_uint8_tensor(load_rgb(self.paths[index]), self.image_size)
+            if self._keep:
+                self._pdn_images[index] = cached
+        return cached
+
+    def backbone_image(self, index: int) -> torch.Tensor:
+        """(3, 2S, 2S) uint8 at the backbone's input size (not cached: only needed for a new target)."""
+        return to_uint8_tensor(load_rgb(self.paths[index]), self.backbone_size)
+
+
 @torch.no_grad()
-def backbone_features(backbone: Backbone, images_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, 3, 2S, 2S) uint8 -> (N, 384, g, g) float32 features (bfloat16 autocast on CUDA)."""
+def backbone_features(
+    backbone: Backbone, images_uint8: torch.Tensor, precision: str = "fp32"
+) -> torch.Tensor:
+    """(N, 3, 2S, 2S) uint8 -> (N, 384, g, g) float32 features."""
     images = images_uint8.float() / 255.0
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+    with autocast(images.device, precision):
         return backbone(images).float()
+
+
+class DistillationTargets:
+    """Standardised backbone features per (image, grayscale), computed one image at a time and cached
+    as float16 while they fit in `cache_bytes` (one image at 256 px: 384 x 64 x 64 x 2 B = 3.1 MB)."""
+
+    def __init__(
+        self,
+        images: DistillationImages,
+        backbone: Backbone,
+        device: torch.device,
+        *,
+        precision: str,
+        cache_bytes: float,
+    ):
+        self.images = images
+        self.backbone = backbone
+        self.device = device
+        self.precision = precision
+        self.cache_bytes = cache_bytes
+        self.mean = torch.zeros(1, TEACHER_CHANNELS, 1, 1)
+        self.std = torch.ones(1, TEACHER_CHANNELS, 1, 1)
+        self._cache: dict[tuple[int, bool], torch.Tensor] = {}
+        self._cached_bytes = 0
+        self.computed = 0  # backbone passes so far (for the log)
+
+    def raw(self, index: int, gray: bool) -> torch.Tensor:
+        """(384, g, g) float32 backbone features of one image, on the CPU."""
+        image = self.images.backbone_image(index)
+        if gray:
+            image = grayscale(image)
+        self.computed += 1
+        return backbone_features(self.backbone, image[None].to(self.device), self.precision)[0].cpu()
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean, self.std = mean.view(1, -1, 1, 1).cpu(), std.view(1, -1, 1, 1).cpu()
+
+    def store(self, key: tuple[int, bool], raw: torch.Tensor) -> torch.Tensor:
+        """Standardise `raw` (384, g, g), keep it if the cache has room, return it as float32."""
+        standardised = ((raw - self.mean[0]) / self.std[0]).to(torch.float16)
+        if self._cached_bytes + standardised.nbytes <= self.cache_bytes:
+            self._cache[key] = standardised
+            self._cached_bytes += standardised.nbytes
+        return standardised.float()
+
+    def get(self, index: int, gray: bool) -> torch.Tensor:
+        """(384, g, g) float32 standardised target (float16-rounded, cached or not, so results agree)."""
+        cached = self._cache.get((index, gray))
+        if cached is not None:
+            return cached.float()
+        return self.store((index, gray), self.raw(index, gray))
 
 
 @torch.no_grad()
 def feature_statistics(
-    backbone: Backbone, loader: DataLoader, device: torch.device, limit: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (384,) of the backbone features over the first `limit` images of `loader`."""
-    total = torch.zeros(TEACHER_CHANNELS, dtype=torch.float64, device=device)
+    targets: DistillationTargets, indices: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Per-channel mean and std (384,) of the backbone features over `indices`; also the raw features."""
+    total = torch.zeros(TEACHER_CHANNELS, dtype=torch.float64)
     total_squares = torch.zeros_like(total)
-    count, seen = 0, 0
-    with tqdm(total=limit, desc="feature statistics", unit="img", leave=False) as progress:
-        for _, backbone_images in loader:
-            backbone_images = backbone_images[: limit - seen]
-            features = backbone_features(backbone, backbone_images.to(device, non_blocking=True)).double()
-            total += features.sum(dim=(0, 2, 3))
-            total_squares += features.square().sum(dim=(0, 2, 3))
-            count += features.shape[0] * features.shape[2] * features.shape[3]
-            seen += features.shape[0]
-            progress.update(features.shape[0])
-            if seen >= limit:
-                break
+    count = 0
+    raws: dict[int, torch.Tensor] = {}
+    for index in tqdm(indices, desc="feature statistics", unit="img", leave=False):
+        features = targets.raw(index, gray=False)  # (384, g, g)
+        raws[index] = features
+        features = features.double()
+        total += features.sum(dim=(1, 2))
+        total_squares += features.square().sum(dim=(1, 2))
+        count += features.shape[1] * features.shape[2]
     mean = total / count
     variance = (total_squares / count - mean.square()).clamp_min(0.0)
-    return mean.float(), variance.sqrt().clamp_min(1e-6).float()  # (384,), (384,)
+    return mean.float(), variance.sqrt().clamp_min(1e-6).float(), raws  # (384,), (384,), {i: (384, g, g)}
 
 
-def _check_settings(backbone: str, size: str, steps: int, batch_size: int, image_size: int) -> None:
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    if size not in ("small", "medium"):
-        raise UserError(f"--size must be small or medium, got {size!r}")
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if image_size < 32 or image_size % 4:
-        raise UserError(f"--image-size must be a multiple of 4 and at least 32, got {image_size}")
+@dataclass(frozen=True)
+class StepDraws:
+    """One step's random choices: image indices, grayscale flags, crop corners (multiples of 4 px)."""
+
+    indices: list[int]
+    gray: list[bool]
+    tops: list[int]
+    lefts: list[int]
 
 
-def _workers(device: torch.device) -> int:
-    """Decode in worker processes only where the network runs elsewhere (CUDA); on CPU they compete."""
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def draws_for_step(settings: DistillSettings, step: int, num_images: int) -> StepDraws:
+    """Reproducible from (seed, step) alone, so a resumed run draws what the uninterrupted one did."""
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    batch = settings.batch_size
+    positions = (settings.image_size - settings.crop) // PDN_STRIDE + 1
+    indices = torch.randint(0, num_images, (batch,), generator=generator).tolist()
+    gray = (torch.rand(batch, generator=generator) < GRAYSCALE_PROBABILITY).tolist()
+    corners = (torch.randint(0, positions, (2, batch), generator=generator) * PDN_STRIDE).tolist()
+    return StepDraws(indices, gray, corners[0], corners[1])
+
+
+def step_batch(
+    draws: StepDraws, images: DistillationImages, targets: DistillationTargets, crop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, crop, crop) uint8 PDN inputs and (B, 384, crop/4, crop/4) float32 targets for one step."""
+    inputs, outputs = [], []
+    for index, gray, top, left in zip(draws.indices, draws.gray, draws.tops, draws.lefts, strict=True):
+        image = images.pdn_image(index)
+        if gray:
+            image = grayscale(image)
+        inputs.append(image[:, top : top + crop, left : left + crop])
+        outputs.append(crop_window(targets.get(index, gray), top, left, crop))
+    return torch.stack(inputs), torch.stack(outputs)
+
+
+def distill_step(
+    teacher: PDN,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor:
+    """One Adam step of the PDN on (B, 3, c, c) uint8 images towards (B, 384, c/4, c/4) targets; the loss."""
+    with autocast(device, precision):
+        # the PDN sees ImageNet-normalised images, as in training and serving
+        predictions = teacher(imagenet_normalise(images.to(device)))  # (B, 384, c/4, c/4)
+    loss = F.mse_loss(predictions.float(), targets.to(device))  # fp32
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+
+def state_paths(out: Path) -> tuple[Path, Path]:
+    """(<out>.state.json, <out>.state.safetensors) next to the teacher file."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.json"), out.with_name(out.name + ".state.safetensors")
+
+
+def read_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    document_path, tensors_path = state_paths(out)
+    if not document_path.is_file():
+        raise UserError(f"nothing to resume for {out}: {document_path} not found")
+    try:
+        document = json.loads(document_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"distillation state is not valid JSON: {document_path} ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"not an EfficientAD distillation state: {document_path}")
+    if not tensors_path.is_file() or document.get("tensors_sha256") != file_sha256(tensors_path):
+        raise CheckpointError(f"{tensors_path} is missing or does not match {document_path.name}")
+    try:
+        return document, load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {tensors_path}: {error}") from None
+
+
+def saved_distill_settings(out: Path) -> DistillSettings:
+    """The settings of the unfinished distillation that writes `out`."""
+    document, _ = read_state(out)
+    known = {field.name for field in fields(DistillSettings)}
+    return DistillSettings(**{key: value for key, value in document["settings"].items() if key in known})
+
+
+def _save_state(
+    out: Path,
+    *,
+    settings: DistillSettings,
+    step: int,
+    teacher: PDN,
+    optimizer: torch.optim.Adam,
+    losses: torch.Tensor,
+    targets: DistillationTargets,
+    seconds: float,
+    fingerprint: str,
+) -> None:
+    document_path, tensors_path = state_paths(out)
+    tensors = {f"teacher.{k}": v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["stats.mean"], tensors["stats.std"] = targets.mean.contiguous(), targets.std.contiguous()
+    tensors["losses"] = losses[:step].cpu().contiguous()
+    atomic_write(tensors_path, lambda temporary: save_file(tensors, str(temporary)))
+    document = {
+        "format": STATE_FORMAT,
+        "step": step,
+        "settings": asdict(settings),
+        "seconds": seconds,
+        "dataset_fingerprint": fingerprint,
+        "tensors_sha256": file_sha256(tensors_path),
+    }
+    atomic_write(document_path, lambda temporary: temporary.write_text(json.dumps(document, indent=2) + "\n"))
+    logger.info("saved the distillation state at step %d to %s", step, document_path)
+
+
+def _restore(
+    teacher: PDN, optimizer: torch.optim.Adam, tensors: dict[str, torch.Tensor], source: Path
+) -> None:
+    weights = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    try:
+        teacher.load_state_dict(weights)
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{source}: the saved state does not fit: {error}") from None
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def distill_teacher(
     image_dir: Path,
     out: Path,
+    settings: DistillSettings | None = None,
     *,
-    backbone: str = "efficientnet-lite0",
-    size: ModelSize = "small",
-    steps: int = 10_000,
-    batch_size: int = 8,
-    image_size: int = 256,
-    device: str = "auto",
-    seed: int = 0,
+    resume: bool = False,
     backbone_weights: Path | None = None,
-    learning_rate: float = 1e-4,
-    weight_decay: float = 1e-5,
+    stop_after_step: int | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Distill a teacher PDN from `backbone` on the images in `image_dir`; write it to `out`, return `out`."""
-    _check_settings(backbone, size, steps, batch_size, image_size)
+    """Distill a teacher PDN on the images in `image_dir` and write it to `out`; returns `out`.
+
+    `overrides` are DistillSettings fields (e.g. steps=20). `resume` continues the unfinished run that
+    writes `out` with its saved settings (only device and save_every may change). `stop_after_step`
+    saves a resumable state after that step and returns without writing the teacher.
+    """
+    settings = replace(settings or DistillSettings(), **overrides)
+    settings.check()
+    out = Path(out)
     paths = list_images(Path(image_dir))
-    torch_device = resolve_device(device)
-    torch.manual_seed(seed)
+    fingerprint, fingerprint_covers = dataset_fingerprint(paths)
+    state_tensors: dict[str, torch.Tensor] | None = None
+    start_step, seconds_before = 0, 0.0
+    if resume:
+        document, state_tensors = read_state(out)
+        stored = saved_distill_settings(out)
+        settings = replace(stored, **{name: getattr(settings, name) for name in RESUME_MAY_CHANGE})
+        if document["dataset_fingerprint"] != fingerprint:
+            raise UserError(f"the images in {image_dir} changed since the distillation started")
+        start_step, seconds_before = int(document["step"]), float(document["seconds"])
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    torch.manual_seed(settings.seed)
     logger.info(
-        "distilling a PDN-%s teacher from %s on %d images on %s", size, backbone, len(paths), torch_device
-    )
+        "distilling a PDN-%s teacher from %s on %d images on %s (%s, %s px crops of %s px)",
+        settings.size, settings.backbone, len(paths), device, precision, settings.crop, settings.image_size,
+    )  # fmt: skip
 
-    extractor = build_backbone(backbone, image_size=image_size, weights=backbone_weights, device=torch_device)
-    workers = _workers(torch_device)
-    loader_options = {"num_workers": workers, "pin_memory": torch_device.type == "cuda"}
-    if workers:
-        loader_options |= {"persistent_workers": True, "prefetch_factor": 4}
+    extractor = build_backbone(
+        settings.backbone, image_size=settings.image_size, weights=backbone_weights, device=device
+    )
+    images = DistillationImages(paths, image_size=settings.image_size, backbone_size=extractor.input_size)
+    targets = DistillationTargets(
+        images, extractor, device, precision=precision, cache_bytes=settings.cache_gb * 2**30
+    )
+    teacher = PDN(size=settings.size, out_channels=TEACHER_CHANNELS, padding=True).to(device).train()
+    optimizer = torch.optim.Adam(
+        teacher.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    losses = torch.zeros(settings.steps, device=device)  # kept on the device: no sync per step
+    order = torch.Generator().manual_seed(settings.seed)
+    statistics_indices = torch.randperm(len(paths), generator=order)[:STATISTICS_IMAGES].tolist()
+    if state_tensors is not None:
+        _restore(teacher, optimizer, state_tensors, state_paths(out)[1])
+        targets.set_statistics(state_tensors["stats.mean"], state_tensors["stats.std"])
+        losses[:start_step] = state_tensors["losses"].to(device)
+        logger.info("resuming %s at step %d of %d", out, start_step, settings.steps)
+    else:
+        mean, std, raws = feature_statistics(targets, statistics_indices)
+        targets.set_statistics(mean, std)
+        for index, raw in raws.items():  # the statistics' forward passes double as the first targets
+            targets.store((index, False), raw)
+        del raws
 
-    plain = DistillationImages(
-        paths, image_size=image_size, backbone_size=extractor.input_size, augment=False
-    )
-    order = torch.Generator().manual_seed(seed)
-    statistics_loader = DataLoader(
-        plain, batch_size=batch_size, sampler=RandomSampler(plain, generator=order), **loader_options
-    )
-    feature_mean, feature_std = feature_statistics(
-        extractor, statistics_loader, torch_device, min(STATISTICS_IMAGES, len(paths))
-    )
-    feature_mean, feature_std = feature_mean.view(1, -1, 1, 1), feature_std.view(1, -1, 1, 1)
-    del statistics_loader
-
-    augmented = DistillationImages(
-        paths, image_size=image_size, backbone_size=extractor.input_size, augment=True
-    )
-    sampler = RandomSampler(augmented, replacement=True, num_samples=steps * batch_size, generator=order)
-    loader = DataLoader(
-        augmented,
-        batch_size=batch_size,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed + 1),  # seeds the workers' augmentation
-        **loader_options,
-    )
-
-    teacher = PDN(size=size, out_channels=TEACHER_CHANNELS, padding=True).to(torch_device).train()
-    optimizer = torch.optim.Adam(teacher.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    window = max(1, min(LOSS_WINDOW, steps // 4))
-    losses = torch.zeros(steps, device=torch_device)  # kept on the device: no sync per step
+    end_step = settings.steps if stop_after_step is None else min(settings.steps, stop_after_step)
+    step = start_step
     started = time.monotonic()
-    progress = tqdm(loader, total=steps, desc=f"distill {backbone} -> PDN-{size[0].upper()}", unit="step")
-    for step, (pdn_images, backbone_images) in enumerate(progress):
-        targets = backbone_features(extractor, backbone_images.to(torch_device, non_blocking=True))
-        targets = (targets - feature_mean) / feature_std  # (N, 384, g, g)
-        # the PDN sees ImageNet-normalised images, as in training and serving
-        predictions = teacher(
-            imagenet_normalise(pdn_images.to(torch_device, non_blocking=True))
-        )  # (N, 384, g, g)
-        loss = F.mse_loss(predictions, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses[step] = loss.detach()
-        if step % PROGRESS_EVERY == 0 or step == steps - 1:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-    progress.close()
+
+    def save_state() -> None:
+        _save_state(
+            out, settings=settings, step=step, teacher=teacher, optimizer=optimizer, losses=losses,
+            targets=targets, seconds=seconds_before + time.monotonic() - started, fingerprint=fingerprint,
+        )  # fmt: skip
+
+    progress = tqdm(
+        total=settings.steps,
+        initial=start_step,
+        desc=f"distill {settings.backbone} -> PDN-{settings.size[0].upper()}",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    try:
+        while step < end_step:
+            draws = draws_for_step(settings, step, len(paths))
+            pdn_images, step_targets = step_batch(draws, images, targets, settings.crop)
+            loss = distill_step(teacher, optimizer, pdn_images, step_targets, device, precision)
+            losses[step] = loss.detach()
+            step += 1
+            progress.update(1)
+            if step % PROGRESS_EVERY == 0 or step == end_step:
+                progress.set_postfix(loss=f"{loss.item():.4f}", targets=targets.computed)
+            if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+                save_state()
+    except KeyboardInterrupt:
+        save_state()
+        logger.warning("interrupted at step %d: continue with --resume", step)
+        raise
+    finally:
+        progress.close()
+    if step < settings.steps:
+        save_state()
+        logger.info("stopped after step %d of %d: continue with --resume", step, settings.steps)
+        return out
+
+    window = max(1, min(LOSS_WINDOW, settings.steps // 4))
     initial_loss, final_loss = losses[:window].mean().item(), losses[-window:].mean().item()
     if not math.isfinite(final_loss):
         raise UserError(f"distillation diverged (loss {final_loss}); try a lower learning rate")
-    logger.info("distillation done in %.0f s, final loss %.4f", time.monotonic() - started, final_loss)
+    seconds = seconds_before + time.monotonic() - started
+    logger.info("distillation done in %.0f s, final loss %.4f", seconds, final_loss)
 
     metadata = {
-        "backbone": backbone,
+        "backbone": settings.backbone,
         "backbone_weights": extractor.weights_path.name,
         "backbone_weights_sha256": file_sha256(extractor.weights_path),
-        "image_size": str(image_size),
-        "steps": str(steps),
-        "batch_size": str(batch_size),
-        "learning_rate": str(learning_rate),
-        "weight_decay": str(weight_decay),
-        "seed": str(seed),
+        "aggregation": "patchcore-3x3-1024-384",
+        "image_size": str(settings.image_size),
+        "crop_size": str(settings.crop),
+        "steps": str(settings.steps),
+        "batch_size": str(settings.batch_size),
+        "images_seen": str(settings.steps * settings.batch_size),
+        "precision": precision,
+        "learning_rate": str(settings.learning_rate),
+        "weight_decay": str(settings.weight_decay),
+        "seed": str(settings.seed),
         "initial_loss": f"{initial_loss:.6f}",
         "final_loss": f"{final_loss:.6f}",
+        "seconds": f"{seconds:.1f}",
         "num_images": str(len(paths)),
         "dataset": Path(image_dir).name,
-        "device": str(torch_device),
+        "device": str(device),
         "versions": json.dumps(versions(), sort_keys=True),
+        "dataset_fingerprint": fingerprint,
+        "dataset_fingerprint_covers": fingerprint_covers,
     }
-    out = Path(out)
-    metadata["dataset_fingerprint"], metadata["dataset_fingerprint_covers"] = dataset_fingerprint(paths)
     save_teacher(out, teacher.cpu(), metadata)
+    for path in state_paths(out):
+        path.unlink(missing_ok=True)
     logger.info("teacher written to %s", out)
     return out

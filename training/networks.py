@@ -18,6 +18,7 @@ TEACHER_CHANNELS = 384
 STUDENT_CHANNELS = 2 * TEACHER_CHANNELS  # first half vs the teacher, second half vs the autoencoder
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PDN_STRIDE = 4  # input pixels per output cell of the padded PDN (its 64x64 grid at 256 px)
 
 
 class PDN(nn.Module):

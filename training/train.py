@@ -51,6 +51,7 @@ from training.data import (
     scan_category,
     split_validation,
 )
+from training.device import PRECISIONS, autocast
 from training.evaluate import evaluate_networks
 from training.losses import autoencoder_loss, hard_feature_loss, penalty_loss, student_autoencoder_loss
 from training.networks import IMAGENET_MEAN, IMAGENET_STD, PDN, TEACHER_CHANNELS, Autoencoder, ModelSize
@@ -71,6 +72,7 @@ RANDOM_TEACHER = "random"
 RANDOM_TEACHER_NOTE = "random teacher weights: for tests and timing only, not for detecting anomalies"
 LR_DECAY_AT = 0.95  # fraction of the steps after which the learning rate is 0.1x
 LOG_EVERY = 25  # steps between progress-bar loss updates (each one synchronises the GPU)
+CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 MAX_PENALTY_IMAGES = 1000  # penalty images kept in memory at 2x the input size (a seeded subset if more)
 
 
@@ -87,6 +89,8 @@ class TrainSettings:
     learning_rate: float = 1e-4
     weight_decay: float = 1e-5
     validation_fraction: float = 0.1
+    precision: str = "auto"  # auto, fp32 or bf16 (autocast of the forward passes; see training.device)
+    checkpoint_dtype: str = "float32"  # float16 halves the file (~16 MB for S); stats use the rounded weights
     save_every: int = 1000  # steps between resumable states; 0: only on Ctrl-C and stop_after_step
 
     def check(self) -> None:
@@ -101,6 +105,11 @@ class TrainSettings:
             raise UserError(f"save_every must be >= 0, got {self.save_every}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise UserError(f"validation fraction must be between 0 and 1, got {self.validation_fraction}")
+        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+            choices = ", ".join(CHECKPOINT_DTYPES)
+            raise UserError(f"--checkpoint-dtype must be one of {choices}, got {self.checkpoint_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.learning_rate <= 0:
             raise UserError(f"learning rate must be positive, got {self.learning_rate}")
 
@@ -261,7 +270,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_teacher_for_training(teacher: str | None, size: ModelSize) -> tuple[PDN, dict[str, Any]]:
+def load_teacher_for_training(
+    teacher: str | None, size: ModelSize, image_size: int | None = None
+) -> tuple[PDN, dict[str, Any]]:
     """The frozen teacher and its record for the checkpoint ("source", "random", "sha256")."""
     from training.teacher_file import DEFAULT_TEACHER_PATH, load_teacher
 
@@ -294,6 +305,12 @@ def load_teacher_for_training(teacher: str | None, size: ModelSize) -> tuple[PDN
         raise UserError(
             f"teacher {path} is a PDN-{metadata.get('size')} but --size is {size}: they must match"
         )
+    if image_size is not None and metadata.get("image_size") not in (None, str(image_size)):
+        logger.warning(
+            "teacher %s was distilled at %s px, training runs at %d px: its descriptors are of another "
+            "scale (it still works; a teacher distilled at the training size fits best)",
+            path, metadata["image_size"], image_size,
+        )  # fmt: skip
     record = {"source": str(path), "random": False, "sha256": file_sha256(path), "metadata": metadata}
     return network, record
 
@@ -327,10 +344,21 @@ class _LoopInputs:
 
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return (self.teacher(images) - self.teacher_mean) / self.teacher_std  # (B, 384, h, w)
+            return (self.teacher(images).float() - self.teacher_mean) / self.teacher_std  # (B, 384, h, w)
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def round_weights(module: nn.Module, dtype: torch.dtype) -> None:
+    """Round every parameter and buffer to `dtype` and back (in place): the values a checkpoint in that
+    dtype holds, so the statistics and threshold computed next fit the file exactly."""
+    if dtype == torch.float32:
+        return
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
 def learning_rate_at(step: int, settings: TrainSettings) -> float:
@@ -344,20 +372,31 @@ def _train_step(
     student: PDN,
     autoencoder: Autoencoder,
     generator: torch.Generator,
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
-    """The four losses for one batch of training images, (B, 3, S, S) float in [0, 1]."""
-    channels = TEACHER_CHANNELS
+    """The four losses (fp32) for one batch of training images, (B, 3, S, S) float in [0, 1].
+
+    The student sees the plain images, the jittered ones and the penalty crops in one forward pass
+    (measured on 2 CPU cores: ~20% less time per step than three passes).
+    """
+    channels, count = TEACHER_CHANNELS, batch.shape[0]
     images_st = inputs.normalise(batch)  # (B, 3, S, S)
     images_ae = inputs.normalise(random_color_jitter(batch, generator))  # (B, 3, S, S)
-    teacher_st, teacher_ae = inputs.teacher_features(images_st), inputs.teacher_features(images_ae)
-    losses = {"hard": hard_feature_loss(teacher_st, student(images_st)[:, :channels])}
+    student_inputs = [images_st, images_ae]
     if inputs.penalty_pool is not None:
-        crops = random_penalty_crops(inputs.penalty_pool, batch.shape[0], batch.shape[-1], generator)
-        losses["penalty"] = penalty_loss(student(inputs.normalise(crops))[:, :channels])  # (B, 384, h, w)
+        crops = random_penalty_crops(inputs.penalty_pool, count, batch.shape[-1], generator)
+        student_inputs.append(inputs.normalise(crops))
+    with autocast(batch.device, precision):
+        teacher_st = inputs.teacher_features(images_st).float()  # (B, 384, h, w)
+        teacher_ae = inputs.teacher_features(images_ae).float()
+        outputs = student(torch.cat(student_inputs)).float()  # (2B or 3B, 768, h, w)
+        autoencoder_output = autoencoder(images_ae).float()  # (B, 384, h, w)
+    student_st, student_ae = outputs[:count, :channels], outputs[count : 2 * count, channels:]
+    losses = {"hard": hard_feature_loss(teacher_st, student_st)}
+    if inputs.penalty_pool is not None:
+        losses["penalty"] = penalty_loss(outputs[2 * count :, :channels])  # (B, 384, h, w)
     else:
         losses["penalty"] = torch.zeros((), device=batch.device)
-    autoencoder_output = autoencoder(images_ae)  # (B, 384, h, w)
-    student_ae = student(images_ae)[:, channels:]  # (B, 384, h, w)
     losses["ae"] = autoencoder_loss(teacher_ae, autoencoder_output)
     losses["stae"] = student_autoencoder_loss(autoencoder_output, student_ae)
     return losses
@@ -378,7 +417,7 @@ def train(
     are taken from `settings`). `force`: replace a finished or unfinished run in OUT_DIR. `stop_after_step`:
     save a resumable state after that step and return without a checkpoint.
     """
-    from training.device import resolve_device
+    from training.device import resolve_device, resolve_precision
 
     run_dir = Path(out_dir)
     settings.check()
@@ -392,6 +431,8 @@ def train(
             logger.info("resuming with the run's saved settings (ignoring the given %s)", ", ".join(changed))
         settings = replace(stored, device=settings.device, save_every=settings.save_every)
     device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    logger.info("training on %s in %s", device, precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     _seed_everything(settings.seed)
@@ -404,7 +445,9 @@ def train(
             state_document["teacher"],
         )
     else:
-        teacher, teacher_record = load_teacher_for_training(settings.teacher, settings.size)
+        teacher, teacher_record = load_teacher_for_training(
+            settings.teacher, settings.size, settings.image_size
+        )
         settings = replace(settings, teacher=teacher_record["source"])
     category = scan_category(Path(data_dir))
     train_paths, validation_paths = split_validation(
@@ -503,7 +546,9 @@ def train(
             train_images=train_images,
             penalty_pool=penalty_pool,
         )
-        _run_loop(loop, end_step, settings=settings, inputs=inputs, save_state=save_state)
+        _run_loop(
+            loop, end_step, settings=settings, inputs=inputs, save_state=save_state, precision=precision
+        )
     except KeyboardInterrupt:
         save_state()
         logger.warning("interrupted at step %d: continue with --resume", loop.step)
@@ -513,9 +558,12 @@ def train(
         logger.info("stopped after step %d of %d: continue with --resume", loop.step, settings.steps)
         return run_dir
 
-    # Statistics, threshold, checkpoint, evaluation.
+    # Statistics, threshold, checkpoint, evaluation (all on the weights as the checkpoint stores them).
     student.eval()
     autoencoder.eval()
+    storage_dtype = CHECKPOINT_DTYPES[settings.checkpoint_dtype]
+    for module in (teacher, student, autoencoder):
+        round_weights(module, storage_dtype)
     stats = map_quantiles(teacher, student, autoencoder, teacher_mean, teacher_std, validation_images, device)
     validation_scores = image_scores(teacher, student, autoencoder, stats, validation_images, device)
     metadata: dict[str, Any] = {
@@ -530,6 +578,7 @@ def train(
         "training": {
             **asdict(settings),
             "device_used": str(device),
+            "precision_used": precision,
             "steps_completed": loop.step,
             "final_losses": loop.recent_losses,
             "seconds": loop.seconds,
@@ -541,12 +590,14 @@ def train(
     }
     config = ModelConfig(size=settings.size, image_size=settings.image_size)
     networks = {"teacher": teacher, "student": student, "autoencoder": autoencoder}
-    save_checkpoint(run_dir, config=config, **networks, stats=stats, metadata=metadata)
+    save_checkpoint(run_dir, config=config, **networks, stats=stats, metadata=metadata, dtype=storage_dtype)
     if test_set is not None:
         metrics = evaluate_networks(teacher, student, autoencoder, stats, test_set, device)
         metrics.pop("scores")
         metadata["metrics"] = metrics
-        save_checkpoint(run_dir, config=config, **networks, stats=stats, metadata=metadata)
+        save_checkpoint(
+            run_dir, config=config, **networks, stats=stats, metadata=metadata, dtype=storage_dtype
+        )
         logger.info("test metrics: %s", json.dumps(metrics["overall"]))
     for name in (STATE_FILE, STATE_TENSORS_FILE):
         (run_dir / name).unlink(missing_ok=True)
@@ -561,6 +612,7 @@ def _run_loop(
     settings: TrainSettings,
     inputs: _LoopInputs,
     save_state: Callable[[], None],
+    precision: str = "fp32",
 ) -> None:
     """Steps loop.step .. end_step - 1; `loop` is updated after each step (so Ctrl-C saves it)."""
     loop.student.train()
@@ -585,7 +637,7 @@ def _run_loop(
             )
             picked = [inputs.train_images[index] for index in draws.tolist()]  # CPU indices: no GPU sync
             batch = torch.stack(picked).float() / 255.0  # (B, 3, S, S)
-            losses = _train_step(batch, inputs, loop.student, loop.autoencoder, loop.generator)
+            losses = _train_step(batch, inputs, loop.student, loop.autoencoder, loop.generator, precision)
             total = losses["hard"] + losses["penalty"] + losses["ae"] + losses["stae"]
             loop.optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -27,7 +27,7 @@ def test_tiny_bench_produces_json_markdown_and_plot(
         "bench", "--image-size", "64", "--batch-sizes", "1,2", "--repeats", "1", "--iterations", "3",
         "--warmup", "1", "--no-pytorch", "--stage-sizes", "256", "--concurrency", "1,4", "--duration", "2",
         "--http-warmup", "0.5", "--rates", "4", "--out", str(out), "--work-dir", str(tmp_path / "work"),
-        "--cache-dir", str(cache_dir),
+        "--cache-dir", str(cache_dir), "--no-training",
     ]  # fmt: skip
     assert main(argv) == 0
 
@@ -36,6 +36,7 @@ def test_tiny_bench_produces_json_markdown_and_plot(
     report = json.loads(json_files[0].read_text())
     assert validate_report(report) == []
     assert report["model"]["weights"] == "random" and report["model"]["input_height"] == 64
+    assert report["training_speed"]["rows"] == []  # --no-training (tests/benchmarks/test_training_speed.py)
 
     backends = [(row["name"], row["batch_size"]) for row in report["backends"]]
     assert backends == [("onnxruntime-cpu", 1), ("onnxruntime-cpu", 2)]
@@ -79,7 +80,7 @@ def test_a_server_that_cannot_start_costs_the_http_rows_only(tmp_path: Path, cac
     argv = [
         "bench", "--image-size", "64", "--batch-sizes", "1", "--repeats", "1", "--iterations", "2",
         "--warmup", "0", "--no-pytorch", "--no-stages", "--server-backend", "tensorrt", "--out", str(out),
-        "--cache-dir", str(cache_dir),
+        "--cache-dir", str(cache_dir), "--no-training",
     ]  # fmt: skip
     assert main(argv) == 0
     (json_file,) = out.glob("*.json")

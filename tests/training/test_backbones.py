@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 
 from training.backbones import (
     BackboneError,
+    FeatureAggregator,
     WideResNet101Trunk,
     build_backbone,
     load_efficientnet_lite0,
 )
-from training.images import load_rgb
+from training.images import load_image_tensor, load_rgb
 from training.networks import pdn_output_size
 
 NATURAL = Path(__file__).resolve().parents[2] / "samples" / "natural"
@@ -166,3 +167,40 @@ def test_wide_resnet_rejects_foreign_and_unsafe_files(tmp_path: Path) -> None:
     truncated.write_bytes(partial.read_bytes()[:100])
     with pytest.raises(BackboneError, match=r"truncated\.safetensors"):
         build_backbone("wide-resnet101", image_size=32, weights=truncated)
+
+
+def patchcore_reference(features: list[torch.Tensor], grid: int) -> torch.Tensor:
+    """PatchCore's aggregation written out step by step: 3x3 patches, resize, pool to 1024, concat, 384."""
+    per_layer = []
+    for feature in features:
+        n, c, h, w = feature.shape
+        patches = torch.nn.functional.unfold(feature, 3, padding=1).view(n, c * 9, h, w)
+        patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bilinear")
+        flat = patches.permute(0, 2, 3, 1).reshape(-1, 1, c * 9)  # (N*g*g, 1, C*9)
+        per_layer.append(torch.nn.functional.adaptive_avg_pool1d(flat, 1024))
+    joined = torch.cat(per_layer, dim=2)  # (N*g*g, 1, L*1024)
+    pooled = torch.nn.functional.adaptive_avg_pool1d(joined, 384)  # (N*g*g, 1, 384)
+    return pooled.view(n, grid, grid, 384).permute(0, 3, 1, 2)
+
+
+def test_aggregation_equals_patchcore_written_out() -> None:
+    torch.manual_seed(0)
+    features = [torch.randn(2, 40, 16, 16), torch.randn(2, 112, 8, 8), torch.randn(2, 320, 4, 4)]
+    aggregated = FeatureAggregator([40, 112, 320], grid=16)(features)
+    assert aggregated.shape == (2, 384, 16, 16)
+    assert torch.allclose(aggregated, patchcore_reference(features, 16), atol=1e-5)
+
+
+def test_distillation_targets_have_full_rank_and_no_twin_channels() -> None:
+    """On real images the 384 target channels are 384 different directions: no channel is a copy."""
+    backbone = build_backbone("efficientnet-lite0", image_size=128)
+    paths = sorted(NATURAL.glob("*.jpg"))
+    images = torch.stack([load_image_tensor(path, backbone.input_size) for path in paths]).float() / 255
+    with torch.no_grad():
+        targets = backbone(images)  # (8, 384, 32, 32)
+    samples = targets.permute(0, 2, 3, 1).reshape(-1, 384).double()  # (8192, 384)
+    samples = samples - samples.mean(dim=0)
+    assert torch.linalg.matrix_rank(samples).item() == 384
+    correlation = torch.corrcoef(samples.T)
+    correlation.fill_diagonal_(0)
+    assert correlation.abs().max().item() < 0.99  # pooling channels up made 96 twins with |corr| > 0.999

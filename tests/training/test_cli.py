@@ -37,7 +37,9 @@ def test_subcommands_and_their_flags_are_registered() -> None:
     )
     assert (args.size, args.teacher, args.resume, args.steps) == ("medium", "random", True, None)
     args = parser.parse_args(["distill", "images", "--out", "t.safetensors", "--backbone", "wide-resnet101"])
-    assert args.backbone == "wide-resnet101" and args.steps == 10_000
+    assert args.backbone == "wide-resnet101" and args.steps is None  # None: DistillSettings' default
+    args = parser.parse_args(["distill", "images", "--out", "t", "--crop-size", "96", "--precision", "bf16"])
+    assert (args.crop_size, args.precision, args.resume) == (96, "bf16", False)
     args = parser.parse_args(["evaluate", "run", "data", "--json", "out.json"])
     assert args.json == Path("out.json") and args.device == "auto"
     with pytest.raises(SystemExit):
