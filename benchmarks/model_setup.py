@@ -30,7 +30,7 @@ class BenchModel:
     threshold: float | None
     random_weights: bool
     version: str  # model.onnx sha256 prefix
-    info: Any = field(repr=False, compare=False)  # export.model_dir.ModelInfo, for the server's backends
+    info: Any = field(repr=False, compare=False)  # efficientad.model_dir.ModelInfo, for the server's backends
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -106,7 +106,7 @@ def default_cache_dir() -> Path:
 
 def _cached_random_model(cache_dir: Path, model_size: str, image_size: int) -> tuple[Path, Path]:
     """(run dir, model dir) of a random-weight model in `cache_dir`, made and exported on first use."""
-    from export.model_dir import ModelDirError, read_model_dir
+    from efficientad.model_dir import ModelDirError, read_model_dir
 
     entry = cache_dir / random_model_key(model_size, image_size)
     run_dir, model_dir = entry / "run", entry / "model"
@@ -145,7 +145,7 @@ def prepare_model(
     - neither: a random-weight PDN-`model_size` checkpoint at `image_size`, exported into `cache_dir`
       (reused by later runs) or, without a cache dir, into `work_dir`.
     """
-    from export.model_dir import read_model_dir
+    from efficientad.model_dir import read_model_dir
 
     if run_dir is not None:
         run_dir = Path(run_dir)

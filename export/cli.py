@@ -111,7 +111,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def engine_command(args: argparse.Namespace) -> int:
-    from export.model_dir import read_model_dir
+    from efficientad.model_dir import read_model_dir
     from export.tensorrt_engine import build_engine
 
     read_model_dir(args.model_dir)  # a clear error for a missing or incomplete model dir first

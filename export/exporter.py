@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from efficientad.errors import UserError
-from export.model_dir import (
+from efficientad.files import file_sha256
+from efficientad.model_dir import (
     INPUT_NAME,
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
@@ -27,7 +28,6 @@ from export.model_dir import (
     ONNX_FILE,
     OUTPUT_NAMES,
     ModelInfo,
-    file_sha256,
     read_model_dir,
 )
 

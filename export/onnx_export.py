@@ -24,8 +24,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from efficientad.model_dir import INPUT_NAME, OUTPUT_NAMES
 from export.fused import FusedEfficientAD
-from export.model_dir import INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from efficientad.errors import UserError
+from efficientad.model_dir import INPUT_NAME
 from export.fused import FusedEfficientAD
-from export.model_dir import INPUT_NAME
 from training.anomaly_maps import anomaly_maps, imagenet_normalise
 from training.checkpoint import Checkpoint
 from training.images import IMAGE_SUFFIXES, load_image_tensor

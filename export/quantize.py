@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from export.model_dir import INPUT_NAME
+from efficientad.model_dir import INPUT_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from efficientad.errors import UserError
-from export.model_dir import ModelInfo, parse_engine_filename, read_model_dir
+from efficientad.model_dir import ModelInfo, parse_engine_filename, read_model_dir
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from export.model_dir import ModelInfo, read_model_dir
+from efficientad.model_dir import ModelInfo, read_model_dir
 from server.backends import Backend, create_backend, warmup_batch_sizes
 from server.batcher import DynamicBatcher
 from server.config import BackendKind, Settings, usable_cpus

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from efficientad.errors import UserError
-from export.model_dir import INPUT_NAME, OUTPUT_NAMES, ModelInfo
+from efficientad.model_dir import INPUT_NAME, OUTPUT_NAMES, ModelInfo, find_engine
 from server.config import BackendKind, Settings, usable_cpus
 
 logger = logging.getLogger(__name__)
@@ -126,10 +126,10 @@ class OnnxRuntimeBackend:
 
 
 class TensorRTBackend:
-    """A TensorRT engine for this GPU (cached in MODEL_DIR/engines, built on first use) and one runner.
+    """A TensorRT engine for this GPU (MODEL_DIR/engines, built by `efficientad engine`) and one runner.
 
-    The runner owns one execution context and one CUDA stream; it is created, used and closed on the
-    thread that creates this backend (the model's batcher thread).
+    The runner (`server.tensorrt_runner`) owns one execution context and one CUDA stream; it is created,
+    used and closed on the thread that creates this backend (the model's batcher thread).
     """
 
     name = "tensorrt"
@@ -138,11 +138,11 @@ class TensorRTBackend:
         usable, why = _tensorrt_usable()
         if not usable:
             raise BackendError(f"tensorrt: not usable here: {why}")
-        from export import tensorrt_engine
+        from server.tensorrt_runner import TensorRTRunner
 
         self.model = model
         self.engine_path = find_or_build_engine(model, max_batch_size)
-        self.runner = tensorrt_engine.TensorRTRunner(self.engine_path)
+        self.runner = TensorRTRunner(self.engine_path)
         self.runner.__enter__()
         logger.info("tensorrt: loaded %s", self.engine_path)
 
@@ -157,37 +157,33 @@ class TensorRTBackend:
 
 
 def find_or_build_engine(model: ModelInfo, max_batch_size: int) -> Path:
-    """The cached engine for this GPU + TensorRT version (max batch >= ours), else a new one.
+    """The cached engine for this GPU + TensorRT version (max batch >= ours); BackendError without one.
 
-    A new engine is built by `export.tensorrt_engine.build_engine`, which checks it against ONNX Runtime
-    and saves it in MODEL_DIR/engines/ so that the next start finds it.
+    The server loads engines; building one is `efficientad engine`'s job (the Docker entrypoint runs it
+    before the server starts), so serving never imports the exporter. The name is kept for callers.
     """
-    from export import tensorrt_engine
-    from export.model_dir import find_engine
+    from server.tensorrt_runner import gpu_name, tensorrt_version
 
-    gpu, version = tensorrt_engine.gpu_name(), tensorrt_engine.tensorrt_version()
+    gpu, version = gpu_name(), tensorrt_version()
     cached = find_engine(model.path, gpu, version, max_batch_size)
-    if cached is not None:
-        logger.info("tensorrt: using the cached engine %s", cached)
-        return cached
-    logger.info(
-        "tensorrt: no engine for %s, TensorRT %s, batch %d in %s: building one (minutes)",
-        gpu,
-        version,
-        max_batch_size,
-        model.engines_dir,
-    )
-    return tensorrt_engine.build_engine(model.path, max_batch=max_batch_size)
+    if cached is None:
+        raise BackendError(
+            f"tensorrt: no engine for {gpu}, TensorRT {version}, max batch >= {max_batch_size} in "
+            f"{model.engines_dir}: build it with `efficientad engine {model.path} --max-batch "
+            f"{max_batch_size}`"
+        )
+    logger.info("tensorrt: using the cached engine %s", cached)
+    return cached
 
 
 def _tensorrt_usable() -> tuple[bool, str]:
     try:
-        from export import tensorrt_engine
+        from server import tensorrt_runner
     except ImportError as error:
-        return False, f"export.tensorrt_engine does not import ({error})"
+        return False, f"server.tensorrt_runner does not import ({error})"
     try:
-        if tensorrt_engine.tensorrt_available():
-            return True, f"TensorRT imports and a GPU is present ({tensorrt_engine.gpu_name()})"
+        if tensorrt_runner.tensorrt_available():
+            return True, f"TensorRT imports and a GPU is present ({tensorrt_runner.gpu_name()})"
     except Exception as error:  # a broken CUDA install shows up here; auto moves on
         return False, f"TensorRT check failed ({type(error).__name__}: {error})"
     return False, "the tensorrt package or a CUDA GPU is missing"

@@ -1,16 +1,21 @@
 """Dynamic batching: the whole policy in one small class.
 
-Requests wait in a bounded queue. One worker task per model takes the oldest request, waits until the
-batch is full (`max_batch_size`) or the oldest request has waited `max_delay_s`, stacks the images into
-one (N, 3, H, W) array and runs inference on the model's single worker thread (so one backend context is
-only ever used by one thread), then hands each request its own result. A failed inference fails only the
-requests of that batch; cancelled or expired requests are dropped before inference.
+Requests wait in a bounded queue. One worker task per model runs one batch at a time: whenever the
+backend is free and requests are waiting, it takes up to `max_batch_size` of them at once (Triton's
+default dynamic batching, queue delay 0), so an idle server adds no queue time and, under load, batches
+form from the requests that queued while the previous batch ran. `max_delay_s` > 0 is an optional bound
+(off by default): when fewer than `max_batch_size` requests wait, the worker waits for more until the
+oldest has waited that long. It stacks the images into one (N, 3, H, W) array and runs inference on the
+model's single worker thread (so one backend context is only ever used by one thread), then hands each
+request its own result. A failed inference fails only the requests of that batch; cancelled or expired
+requests are dropped before inference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -62,7 +67,12 @@ class _Request:
 
 
 class DynamicBatcher:
-    """Collects single-image requests into batches for `infer((N, 3, H, W) uint8) -> (maps, scores)`."""
+    """Collects single-image requests into batches for `infer((N, 3, H, W) uint8) -> (maps, scores)`.
+
+    `max_delay_s` 0 (the default): never wait, run what is queued as soon as the backend is free.
+    `max_delay_s` > 0: with fewer than `max_batch_size` queued, wait until the oldest request has waited
+    that long (or the batch is full) before running.
+    """
 
     def __init__(
         self,
@@ -70,14 +80,14 @@ class DynamicBatcher:
         *,
         executor: Executor,
         max_batch_size: int = 16,
-        max_delay_s: float = 0.002,
+        max_delay_s: float = 0.0,
         max_queue: int = 256,
         name: str = "model",
         metrics: ServerMetrics | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
+        if max_batch_size < 1 or max_queue < 1 or not (math.isfinite(max_delay_s) and max_delay_s >= 0):
             raise ValueError(
-                f"need max_batch_size >= 1, max_queue >= 1, max_delay_s >= 0; got {max_batch_size}, "
+                f"need max_batch_size >= 1, max_queue >= 1, finite max_delay_s >= 0; got {max_batch_size}, "
                 f"{max_queue}, {max_delay_s}"
             )
         self.infer = infer
@@ -178,18 +188,18 @@ class DynamicBatcher:
                 await self._run_batch(live)
 
     async def _collect(self) -> list[_Request] | None:
-        """The first request, then more until full or its delay is up; None once closed and empty."""
+        """The next batch, called whenever the backend is free; None once closed and empty.
+
+        Waits for a first request, then takes up to max_batch_size queued ones at once; only with
+        max_delay_s > 0 and a part-full queue does it first wait until the oldest has waited max_delay_s.
+        """
         assert self._wakeup is not None
         while not self._pending:
             if self._closing:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        collect_until = self._pending[0].enqueued + self.max_delay_s
-        while len(self._pending) < self.max_batch_size and not self._closing:
-            remaining = collect_until - time.monotonic()
-            if remaining <= 0:
-                break
+        while (remaining := self._fill_wait_s()) > 0:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -197,6 +207,13 @@ class DynamicBatcher:
                 break
         size = min(len(self._pending), self.max_batch_size)
         return [self._pending.popleft() for _ in range(size)]
+
+    def _fill_wait_s(self) -> float:
+        """How much longer to wait for a fuller batch: 0 when the delay is off (0), the batch is full,
+        the batcher is closing, or the oldest request has already waited max_delay_s."""
+        if self.max_delay_s <= 0 or len(self._pending) >= self.max_batch_size or self._closing:
+            return 0.0
+        return max(0.0, self._pending[0].enqueued + self.max_delay_s - time.monotonic())
 
     def _drop_dead(self, batch: Sequence[_Request]) -> list[_Request]:
         """Requests still waiting: cancelled ones are skipped, expired ones get DeadlineExceeded."""

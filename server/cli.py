@@ -39,7 +39,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "--max-batch-delay-ms",
         type=float,
         default=None,
-        help="longest wait for a batch to fill (default 2.0)",
+        help="optional bound on waiting for a batch to fill (default 0: never wait; batches form while "
+        "the previous one runs)",
     )
     serve.add_argument("--max-queue", type=int, default=None, help="queued images per model before 503 (256)")
     serve.add_argument(
@@ -97,7 +98,7 @@ def _settings_from(args: argparse.Namespace) -> Any:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from export.model_dir import read_model_dir
+    from efficientad.model_dir import read_model_dir
     from server.backends import check_backend_available
     from server.logs import configure_logging
 

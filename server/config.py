@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     backend: BackendKind = Field("auto", description="inference backend")
     max_batch_size: int = Field(16, description="most images run in one inference call")
     max_batch_delay_ms: float = Field(
-        2.0, description="longest wait for a batch to fill after its first request"
+        0.0,
+        allow_inf_nan=False,
+        description="optional bound: with a part-full batch and the backend free, wait at most this long "
+        "after its oldest request for more (0 = never wait: run what is queued at once)",
     )
     max_queue: int = Field(256, description="images waiting per model before 503 queue full")
     request_timeout_ms: float = Field(10_000, description="deadline per request; past it the answer is 504")

@@ -65,6 +65,12 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     distill.add_argument(
         "--cache-gb", type=float, default=None, help="memory for cached backbone targets (default 8)"
     )
+    distill.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="Adam learning rate (default 1e-4); may change on --resume (recorded as a schedule)",
+    )
     distill.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default auto)")
     distill.add_argument("--seed", type=int, default=None)
     distill.add_argument(
@@ -177,6 +183,7 @@ DISTILL_FLAGS = (
     "crop_size",
     "precision",
     "cache_gb",
+    "learning_rate",
     "device",
     "seed",
     "save_every",
@@ -208,10 +215,11 @@ def distill_command(args: argparse.Namespace) -> int:
     out = distill_teacher(
         args.image_dir,
         args.out,
-        DistillSettings(**given),
+        DistillSettings(),
         resume=args.resume,
         backbone_weights=args.backbone_weights,
         stop_after_step=args.stop_after,
+        **given,
     )
     if not out.is_file():
         print(f"stopped; continue with: efficientad distill {args.image_dir} --out {out} --resume")

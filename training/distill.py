@@ -48,6 +48,7 @@ from training.checkpoint import CheckpointError, file_sha256, versions
 from training.device import autocast, resolve_device, resolve_precision
 from training.images import list_images, load_rgb, to_uint8_tensor
 from training.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, ModelSize
+from training.signals import sigterm_as_interrupt
 from training.teacher_file import save_teacher
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ CONTENT_FINGERPRINT_LIMIT = 20_000  # larger folders are fingerprinted by file n
 LOSS_WINDOW = 100  # initial and final loss: means over the first and last this many steps (<= steps/4)
 IMAGE_CACHE_LIMIT = 20_000  # folders up to this many images keep their decoded PDN-size images in memory
 STATE_FORMAT = "efficientad-distill-state"
-RESUME_MAY_CHANGE = ("device", "save_every")
+RESUME_MAY_CHANGE = ("device", "save_every", "learning_rate")
 
 
 @dataclass
@@ -340,6 +341,7 @@ def _save_state(
     targets: DistillationTargets,
     seconds: float,
     fingerprint: str,
+    schedule: list[list[float]],
 ) -> None:
     document_path, tensors_path = state_paths(out)
     tensors = {f"teacher.{k}": v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
@@ -355,6 +357,7 @@ def _save_state(
         "settings": asdict(settings),
         "seconds": seconds,
         "dataset_fingerprint": fingerprint,
+        "learning_rate_schedule": schedule,
         "tensors_sha256": file_sha256(tensors_path),
     }
     atomic_write(document_path, lambda temporary: temporary.write_text(json.dumps(document, indent=2) + "\n"))
@@ -393,11 +396,13 @@ def distill_teacher(
     """Distill a teacher PDN on the images in `image_dir` and write it to `out`; returns `out`.
 
     `overrides` are DistillSettings fields (e.g. steps=20). `resume` continues the unfinished run that
-    writes `out` with its saved settings (only device and save_every may change). `stop_after_step`
-    saves a resumable state after that step and returns without writing the teacher.
+    writes `out` with its saved settings; only the overrides named in RESUME_MAY_CHANGE apply (device,
+    save_every, and learning_rate, whose changes are recorded as a schedule), others must equal the saved
+    ones. `stop_after_step` saves a resumable state after that step and returns without writing the teacher.
     """
     settings = replace(settings or DistillSettings(), **overrides)
     settings.check()
+    schedule: list[list[float]] = [[0, settings.learning_rate]]  # [first step, learning rate] entries
     out = Path(out)
     paths = list_images(Path(image_dir))
     fingerprint, fingerprint_covers = dataset_fingerprint(paths)
@@ -406,10 +411,20 @@ def distill_teacher(
     if resume:
         document, state_tensors = read_state(out)
         stored = saved_distill_settings(out)
-        settings = replace(stored, **{name: getattr(settings, name) for name in RESUME_MAY_CHANGE})
+        refused = [name for name, value in overrides.items()
+                   if name not in RESUME_MAY_CHANGE and value != getattr(stored, name)]  # fmt: skip
+        if refused:
+            raise UserError(f"resume keeps the run's saved settings; these differ: {', '.join(refused)}")
+        changes = {name: value for name, value in overrides.items() if name in RESUME_MAY_CHANGE}
+        settings = replace(stored, **changes)
+        settings.check()
         if document["dataset_fingerprint"] != fingerprint:
             raise UserError(f"the images in {image_dir} changed since the distillation started")
         start_step, seconds_before = int(document["step"]), float(document["seconds"])
+        schedule = document.get("learning_rate_schedule", [[0, stored.learning_rate]])
+        if settings.learning_rate != schedule[-1][1]:
+            schedule.append([start_step, settings.learning_rate])
+            logger.info("learning rate %g from step %d on", settings.learning_rate, start_step)
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
@@ -452,6 +467,7 @@ def distill_teacher(
         _save_state(
             out, settings=settings, step=step, teacher=teacher, optimizer=optimizer, losses=losses,
             targets=targets, seconds=seconds_before + time.monotonic() - started, fingerprint=fingerprint,
+            schedule=schedule,
         )  # fmt: skip
 
     progress = tqdm(
@@ -462,17 +478,18 @@ def distill_teacher(
         dynamic_ncols=True,
     )
     try:
-        while step < end_step:
-            draws = draws_for_step(settings, step, len(paths))
-            pdn_images, step_targets = step_batch(draws, images, targets, settings.crop)
-            loss = distill_step(teacher, optimizer, pdn_images, step_targets, device, precision)
-            losses[step] = loss.detach()
-            step += 1
-            progress.update(1)
-            if step % PROGRESS_EVERY == 0 or step == end_step:
-                progress.set_postfix(loss=f"{loss.item():.4f}", targets=targets.computed)
-            if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
-                save_state()
+        with sigterm_as_interrupt():
+            while step < end_step:
+                draws = draws_for_step(settings, step, len(paths))
+                pdn_images, step_targets = step_batch(draws, images, targets, settings.crop)
+                loss = distill_step(teacher, optimizer, pdn_images, step_targets, device, precision)
+                losses[step] = loss.detach()
+                step += 1
+                progress.update(1)
+                if step % PROGRESS_EVERY == 0 or step == end_step:
+                    progress.set_postfix(loss=f"{loss.item():.4f}", targets=targets.computed)
+                if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+                    save_state()
     except KeyboardInterrupt:
         save_state()
         logger.warning("interrupted at step %d: continue with --resume", step)
@@ -503,6 +520,7 @@ def distill_teacher(
         "images_seen": str(settings.steps * settings.batch_size),
         "precision": precision,
         "learning_rate": str(settings.learning_rate),
+        "learning_rate_schedule": json.dumps(schedule),
         "weight_decay": str(settings.weight_decay),
         "seed": str(settings.seed),
         "initial_loss": f"{initial_loss:.6f}",

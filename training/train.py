@@ -55,6 +55,7 @@ from training.device import PRECISIONS, autocast
 from training.evaluate import evaluate_networks
 from training.losses import autoencoder_loss, hard_feature_loss, penalty_loss, student_autoencoder_loss
 from training.networks import IMAGENET_MEAN, IMAGENET_STD, PDN, TEACHER_CHANNELS, Autoencoder, ModelSize
+from training.signals import sigterm_as_interrupt
 from training.statistics import (
     THRESHOLD_RULE,
     default_threshold,
@@ -546,9 +547,10 @@ def train(
             train_images=train_images,
             penalty_pool=penalty_pool,
         )
-        _run_loop(
-            loop, end_step, settings=settings, inputs=inputs, save_state=save_state, precision=precision
-        )
+        with sigterm_as_interrupt():  # `kill` or a scheduler's stop saves a resumable state, as Ctrl-C
+            _run_loop(
+                loop, end_step, settings=settings, inputs=inputs, save_state=save_state, precision=precision
+            )
     except KeyboardInterrupt:
         save_state()
         logger.warning("interrupted at step %d: continue with --resume", loop.step)

@@ -302,10 +302,14 @@ def test_wheel_built_from_the_build_context_has_the_server(tmp_path: Path, pypro
         "efficientad/cli.py",
         "server/app.py",
         "server/cli.py",
+        "efficientad/model_dir.py",
+        "server/tensorrt_runner.py",
         "export/model_dir.py",
         "export/triton.py",
     ):
         assert needed in names
+    # the serving images leave the training assets out (.dockerignore): no 10 MB teacher in the server
+    assert "training/assets/teacher_small.safetensors" not in names
     assert any(name.startswith("server/static/") for name in names), "the operator page must ship"
     entry_points = zipfile.ZipFile(wheel).read(f"efficientad-{version}.dist-info/entry_points.txt").decode()
     assert "efficientad = efficientad.cli:main" in entry_points

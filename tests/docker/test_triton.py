@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 
 from efficientad.errors import UserError
-from export.model_dir import engine_filename, read_model_dir
+from efficientad.model_dir import engine_filename, read_model_dir
 from export.triton import write_triton_repository
 
 model_config_pb2 = pytest.importorskip(

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from efficientad.cli import main
+from efficientad.model_dir import read_model_dir
 from export.exporter import ExportError, export_model
-from export.model_dir import read_model_dir
 from training.checkpoint import CheckpointError
 from training.images import DataError
 

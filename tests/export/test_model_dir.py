@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from efficientad.cli import main
-from export.model_dir import (
+from efficientad.model_dir import (
     ModelDirError,
     engine_filename,
     find_engine,

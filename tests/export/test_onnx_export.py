@@ -7,8 +7,8 @@ import onnx
 import pytest
 import torch
 
+from efficientad.model_dir import read_model_dir
 from export.fused import FusedEfficientAD
-from export.model_dir import read_model_dir
 from export.parity import onnxruntime_session
 from training.anomaly_maps import anomaly_maps, imagenet_normalise
 from training.checkpoint import load_checkpoint

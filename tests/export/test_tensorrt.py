@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from export.model_dir import find_engine
+from efficientad.model_dir import find_engine
 from export.parity import onnxruntime_session
 from export.tensorrt_engine import tensorrt_available
 

@@ -145,7 +145,7 @@ def test_a_pickle_in_place_of_a_model_file_is_refused_without_running(
 ) -> None:
     import torch
 
-    from export.model_dir import read_model_dir
+    from efficientad.model_dir import read_model_dir
     from server.backends import BackendError, OnnxRuntimeBackend
     from training.backbones import BackboneError, read_state_dict
     from training.checkpoint import CheckpointError, load_checkpoint

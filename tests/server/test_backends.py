@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.model_dir import read_model_dir
+from efficientad.model_dir import read_model_dir
 from server.backends import BackendError, OnnxRuntimeBackend, create_backend, warmup_batch_sizes
 from server.config import Settings
 from tests.server.conftest import reference_scores
@@ -106,9 +106,14 @@ def test_tensorrt_backend_matches_onnxruntime(small_model_dir: Path, tmp_path: P
         pytest.skip(why)
     import shutil
 
+    from efficientad.cli import main
+
     model_dir = tmp_path / "model"
     shutil.copytree(small_model_dir, model_dir)
     info = read_model_dir(model_dir)
+    with pytest.raises(BackendError, match="efficientad engine"):  # the server loads engines, never builds
+        TensorRTBackend(info, max_batch_size=4)
+    assert main(["engine", str(model_dir), "--max-batch", "4"]) == 0
     backend = TensorRTBackend(info, max_batch_size=4)
     try:
         assert backend.engine_path.parent == model_dir / "engines"

@@ -1,6 +1,7 @@
 """DynamicBatcher: batching, one result per request, failure isolation, queue limit, deadlines, cancellation,
-graceful close and metrics. The inference function is a small deterministic numpy computation so each
-result can be checked against its own input; the batcher is the real thing under test."""
+graceful close, metrics, and the delay policy (0 = never wait when idle; > 0 = wait at most that long for a
+fuller batch). The inference function is a small deterministic numpy computation so each result can be
+checked against its own input; the batcher is the real thing under test."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ class RecordingInference:
             raise RuntimeError("marked input")
         maps = images.astype(np.float32).mean(axis=1, keepdims=True) / 255.0  # (N, 1, H, W)
         return maps, maps.reshape(len(images), -1).max(axis=1)
+
+
+class SlowInference(RecordingInference):
+    """RecordingInference that takes `seconds` per batch (a stand-in for a real backend's batch time) and
+    records when each call started (time.monotonic())."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.started: list[float] = []
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.started.append(time.monotonic())
+        time.sleep(self.seconds)
+        return super().__call__(images)
 
 
 def image(value: int) -> np.ndarray:
@@ -99,6 +115,94 @@ def test_a_lone_request_waits_at_most_about_the_delay() -> None:
     elapsed = run(scenario, infer, max_batch_size=16, max_delay_s=0.05)
     assert 0.04 <= elapsed < 2.0
     assert infer.batches == [[3]]
+
+
+def _lone_request_waits(max_delay_s: float | None, rounds: int) -> tuple[list[float], list[float]]:
+    """`rounds` lone requests, one after the other on an idle batcher (20 ms per batch; max_delay_s None:
+    the default) -> (submit -> start of the inference call, the result's own queue_s) per request, in s."""
+    infer = SlowInference(0.02)
+
+    async def scenario(batcher: DynamicBatcher) -> tuple[list[float], list[float]]:
+        to_inference, queue_s = [], []
+        for value in range(rounds):
+            await asyncio.sleep(0.005)  # the worker is idle, waiting for work
+            submitted = time.monotonic()
+            result = await batcher.submit(image(value))
+            to_inference.append(infer.started[-1] - submitted)
+            queue_s.append(result.queue_s)
+            assert result.batch_size == 1 and result.score == pytest.approx(expected_score(value))
+        return to_inference, queue_s
+
+    delay = {} if max_delay_s is None else {"max_delay_s": max_delay_s}
+    return run(scenario, infer, max_batch_size=16, **delay)
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once_by_default() -> None:
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        assert DynamicBatcher(RecordingInference(), executor=executor).max_delay_s == 0
+    to_inference, queue_s = _lone_request_waits(None, rounds=9)
+    # medians, so one stall of this (possibly busy) machine cannot fail the test; the old behaviour
+    # (waiting out the delay) would show as >= the delay in every round
+    assert float(np.median(queue_s)) < 0.005
+    assert float(np.median(to_inference)) < 0.005
+    assert max(queue_s) < 0.5
+
+
+def test_a_positive_delay_still_makes_a_lone_request_wait_for_company() -> None:
+    to_inference, queue_s = _lone_request_waits(0.05, rounds=3)
+    assert min(queue_s) >= 0.04  # waited (about) the whole bound: nobody else came
+    assert min(to_inference) >= 0.04
+    assert max(queue_s) < 2.0
+
+
+def test_concurrent_submitters_fill_batches_with_no_delay() -> None:
+    """32 closed-loop clients against 20 ms per batch, max batch 16, delay 0: batches form from what
+    queued while the previous batch ran, so they are big although the batcher never waits."""
+    infer = SlowInference(0.02)
+    clients, rounds = 32, 4
+
+    async def client(batcher: DynamicBatcher, number: int) -> list[tuple[int, Any]]:
+        answers = []
+        for round_ in range(rounds):
+            value = number * rounds + round_  # 0..127: unique per request, never MARKED
+            answers.append((value, await batcher.submit(image(value))))
+        return answers
+
+    async def scenario(batcher: DynamicBatcher) -> list[tuple[int, Any]]:
+        per_client = await asyncio.gather(*(client(batcher, number) for number in range(clients)))
+        return [answer for answers in per_client for answer in answers]
+
+    answers = run(scenario, infer, max_batch_size=16, max_delay_s=0.0)
+    assert len(answers) == clients * rounds
+    for value, result in answers:  # each request got its own result
+        assert result.score == pytest.approx(expected_score(value))
+        assert result.anomaly_map[0, 0, 0] == pytest.approx(value / 255.0)
+    sizes = [len(batch) for batch in infer.batches]
+    assert sorted(v for batch in infer.batches for v in batch) == list(range(clients * rounds))
+    assert max(sizes) <= 16
+    assert sum(sizes) / len(sizes) >= 8, sizes
+
+
+def test_a_positive_delay_waits_for_a_fuller_batch_and_runs_it_once_full() -> None:
+    infer = RecordingInference()
+
+    async def scenario(batcher: DynamicBatcher) -> tuple[list[Any], float]:
+        started = time.monotonic()
+        first = asyncio.ensure_future(batcher.submit(image(1)))
+        await asyncio.sleep(0.03)  # well inside the 2 s bound: the worker is still waiting for more
+        assert not first.done() and infer.batches == []
+        rest = [asyncio.ensure_future(batcher.submit(image(v))) for v in (2, 3)]
+        await asyncio.sleep(0.03)
+        assert not first.done() and infer.batches == []
+        last = asyncio.ensure_future(batcher.submit(image(4)))  # the batch is full: it runs at once
+        results = await asyncio.gather(first, *rest, last)
+        return results, time.monotonic() - started
+
+    results, elapsed = run(scenario, infer, max_batch_size=4, max_delay_s=2.0)
+    assert infer.batches == [[1, 2, 3, 4]]
+    assert [result.batch_size for result in results] == [4, 4, 4, 4]
+    assert results[0].queue_s >= 0.05  # the first one waited for the others
+    assert elapsed < 1.5  # a full batch does not sit out the rest of the bound
 
 
 def test_a_failing_batch_fails_only_its_own_requests() -> None:
@@ -209,3 +313,7 @@ def test_batch_metrics_are_recorded() -> None:
 def test_bad_configuration_is_refused() -> None:
     with ThreadPoolExecutor(max_workers=1) as executor, pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(RecordingInference(), executor=executor, max_batch_size=0)
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        for delay in (-0.001, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="max_delay_s"):
+                DynamicBatcher(RecordingInference(), executor=executor, max_delay_s=delay)

@@ -30,7 +30,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_match_the_contract(model_dirs: tuple[Path, Path]) -> None:
     settings = Settings(model_dirs=[model_dirs[0]])
     assert settings.backend == "auto"
-    assert (settings.max_batch_size, settings.max_batch_delay_ms, settings.max_queue) == (16, 2.0, 256)
+    assert (settings.max_batch_size, settings.max_batch_delay_ms, settings.max_queue) == (16, 0.0, 256)
     assert settings.request_timeout_ms == 10_000
     assert settings.max_body_bytes == 20 * 1024 * 1024
     assert (settings.max_image_pixels, settings.min_image_side) == (40_000_000, 16)
@@ -66,6 +66,16 @@ def test_environment_variables_with_named_and_plain_model_dirs(
     assert settings.log_level == "DEBUG"
 
 
+def test_a_batch_delay_of_zero_is_allowed_and_a_positive_one_is_opt_in(
+    model_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings(model_dirs=[model_dirs[0]], max_batch_delay_ms=0).max_batch_delay_ms == 0
+    monkeypatch.setenv("EAD_MAX_BATCH_DELAY_MS", "0")
+    assert Settings(model_dirs=[model_dirs[0]]).max_batch_delay_ms == 0
+    monkeypatch.setenv("EAD_MAX_BATCH_DELAY_MS", "2")
+    assert Settings(model_dirs=[model_dirs[0]]).max_batch_delay_ms == 2.0
+
+
 def test_api_key_is_never_shown(model_dirs: tuple[Path, Path]) -> None:
     settings = Settings(model_dirs=[model_dirs[0]], api_key="very-secret-key")
     assert "very-secret-key" not in repr(settings)
@@ -97,6 +107,8 @@ def test_to_environment_round_trips(model_dirs: tuple[Path, Path], monkeypatch: 
         ("max_body_bytes", 0, "at least 1"),
         ("request_timeout_ms", 0, "greater than 0"),
         ("max_batch_delay_ms", -1, "not be negative"),
+        ("max_batch_delay_ms", float("nan"), "finite number"),
+        ("max_batch_delay_ms", float("inf"), "finite number"),
         ("backend", "tensorflow", "auto"),
         ("heatmap_style", "rainbow", "jet"),
         ("log_level", "LOUD", "INFO"),

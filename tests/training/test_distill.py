@@ -211,3 +211,42 @@ def test_grayscale_keeps_the_shape_and_equal_channels() -> None:
     assert gray.shape == image.shape and gray.dtype == torch.uint8
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     assert not torch.equal(gray, image)
+
+
+def test_sigterm_leaves_a_resumable_state(tmp_path: Path) -> None:
+    """`kill` of a background distillation (which ignores SIGINT under nohup) saves its state, like Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "t.safetensors"
+    command = [sys.executable, "-m", "efficientad", "distill", str(NATURAL), "--out", str(out)]
+    settings = ["--image-size", "64", "--crop-size", "32", "--batch-size", "2", "--device", "cpu"]
+    process = subprocess.Popen(
+        [*command, *settings, "--steps", "100000", "--save-every", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # wait until the loop runs (the loss shows on the progress bar after 10 steps), then stop the job
+        seen = ""
+        while "loss=" not in seen and time.monotonic() < deadline:
+            seen += process.stderr.read(1)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    document, _ = state_paths(out)
+    assert document.is_file() and not out.exists()
+    assert main([*command[3:], "--resume", "--stop-after", str(int(_saved_step(document)) + 1)]) == 0
+    assert _saved_step(document) > 0
+
+
+def _saved_step(document: Path) -> int:
+    import json
+
+    return json.loads(document.read_text())["step"]

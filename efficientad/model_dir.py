@@ -1,0 +1,165 @@
+"""The model directory (export -> server): `model.onnx` + `model.json` + `engines/*.plan`.
+
+The contract between the exporter (which writes model dirs) and the server (which reads them). Torch-free
+on purpose, and part of the core package so that the server need not import the exporter: this module
+imports only the standard library and `efficientad.*`. `export.model_dir` re-exports it.
+
+    MODEL_DIR/
+      model.onnx                                   fused graph: image uint8 (N,3,H,W) -> anomaly_map, score
+      model.json                                   format "efficientad-model", input size, threshold, ...
+      engines/<gpu>__trt<version>__b<max>.plan     TensorRT engines built on the serving machine
+      engines/timing.cache                         TensorRT timing cache shared by builds
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from efficientad.errors import UserError
+from efficientad.files import file_sha256, read_versioned_json
+
+__all__ = [
+    "ENGINES_DIR",
+    "ENGINE_SUFFIX",
+    "INPUT_NAME",
+    "MODEL_FORMAT",
+    "MODEL_FORMAT_VERSION",
+    "MODEL_JSON_FILE",
+    "ONNX_FILE",
+    "OUTPUT_NAMES",
+    "VERSION_HEX_DIGITS",
+    "ModelDirError",
+    "ModelInfo",
+    "engine_filename",
+    "find_engine",
+    "parse_engine_filename",
+    "read_model_dir",
+]
+
+MODEL_FORMAT = "efficientad-model"
+MODEL_FORMAT_VERSION = 1
+ONNX_FILE = "model.onnx"
+MODEL_JSON_FILE = "model.json"
+ENGINES_DIR = "engines"
+ENGINE_SUFFIX = ".plan"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score")
+VERSION_HEX_DIGITS = 12
+
+_ENGINE_NAME = re.compile(r"^(?P<gpu>[A-Za-z0-9.-]+)__trt(?P<trt>[A-Za-z0-9.-]+)__b(?P<batch>[0-9]+)\.plan$")
+
+
+class ModelDirError(UserError):
+    """A model directory that is missing, incomplete or foreign, named in the message."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    input_height: int
+    input_width: int
+    model_size: str
+    threshold: float | None
+    checkpoint_sha256: str
+    version: str  # first 12 hex digits of model.onnx's sha256
+    onnx_path: Path
+    engines_dir: Path
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def read_model_dir(path: Path, *, name: str | None = None, verify_hash: bool = True) -> ModelInfo:
+    """Describe the model in `path`; a ModelDirError naming the path if it is not a complete model dir.
+
+    With `verify_hash` (the default) model.onnx must match the sha256 recorded in model.json, so a
+    truncated or swapped graph is caught before it is served.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"model directory not found: {path}")
+    onnx_path, json_path = path / ONNX_FILE, path / MODEL_JSON_FILE
+    if not json_path.is_file():
+        raise ModelDirError(f"{json_path} is missing: not a model directory (run `efficientad export` first)")
+    if not onnx_path.is_file():
+        raise ModelDirError(
+            f"{onnx_path} is missing: the model directory is incomplete (re-run `efficientad export`)"
+        )
+    document = read_versioned_json(
+        json_path,
+        expected_format=MODEL_FORMAT,
+        max_version=MODEL_FORMAT_VERSION,
+        error=ModelDirError,
+        what="an EfficientAD model description",
+    )
+    try:
+        image_input = document["input"]
+        height, width = int(image_input["height"]), int(image_input["width"])
+        model_size = str(document["model_size"])
+        checkpoint_sha256 = str(document["checkpoint"]["sha256"])
+        recorded_onnx_sha256 = str(document["onnx"]["sha256"])
+        threshold = document.get("threshold")
+        threshold = None if threshold is None else float(threshold)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelDirError(f"{json_path}: field missing or malformed ({error!r})") from None
+    onnx_sha256 = file_sha256(onnx_path) if verify_hash else recorded_onnx_sha256
+    if onnx_sha256 != recorded_onnx_sha256:
+        raise ModelDirError(
+            f"{onnx_path} does not match {json_path.name} (sha256 {onnx_sha256[:12]}..., expected "
+            f"{recorded_onnx_sha256[:12]}...): the graph is truncated, corrupt or from another export"
+        )
+    return ModelInfo(
+        path=path,
+        name=name or path.resolve().name,
+        input_height=height,
+        input_width=width,
+        model_size=model_size,
+        threshold=threshold,
+        checkpoint_sha256=checkpoint_sha256,
+        version=onnx_sha256[:VERSION_HEX_DIGITS],
+        onnx_path=onnx_path,
+        engines_dir=path / ENGINES_DIR,
+        metadata=document,
+    )
+
+
+def _slug(text: str) -> str:
+    """File-name-safe: letters, digits, dots, dashes ("NVIDIA H100 80GB HBM3" -> "NVIDIA-H100-80GB-HBM3")."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", text.strip()).strip("-")
+    if not slug:
+        raise ValueError(f"cannot make a file name from {text!r}")
+    return slug
+
+
+def engine_filename(gpu_name: str, trt_version: str, max_batch: int) -> str:
+    """`<gpu>__trt<version>__b<max_batch>.plan`, e.g. `NVIDIA-H100-80GB-HBM3__trt10.3.0__b32.plan`."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return f"{_slug(gpu_name)}__trt{_slug(trt_version)}__b{int(max_batch)}{ENGINE_SUFFIX}"
+
+
+def parse_engine_filename(filename: str) -> tuple[str, str, int] | None:
+    """(gpu slug, TensorRT version slug, max batch) from an engine file name, or None if it is not one."""
+    match = _ENGINE_NAME.match(filename)
+    if match is None:
+        return None
+    return match["gpu"], match["trt"], int(match["batch"])
+
+
+def find_engine(model_dir: Path, gpu_name: str, trt_version: str, max_batch: int) -> Path | None:
+    """The cached plan for this GPU and TensorRT version with the smallest max batch >= `max_batch`."""
+    engines_dir = Path(model_dir) / ENGINES_DIR
+    if not engines_dir.is_dir():
+        return None
+    wanted_gpu, wanted_trt = _slug(gpu_name), _slug(trt_version)
+    candidates: list[tuple[int, Path]] = []
+    for plan in engines_dir.glob(f"*{ENGINE_SUFFIX}"):
+        parsed = parse_engine_filename(plan.name)
+        if parsed is None or not plan.is_file():
+            continue
+        gpu, trt, batch = parsed
+        if gpu == wanted_gpu and trt == wanted_trt and batch >= max_batch:
+            candidates.append((batch, plan))
+    return min(candidates)[1] if candidates else None
