@@ -141,7 +141,7 @@ class TensorRTBackend:
         from server.tensorrt_runner import TensorRTRunner
 
         self.model = model
-        self.engine_path = find_or_build_engine(model, max_batch_size)
+        self.engine_path = find_cached_engine(model, max_batch_size)
         self.runner = TensorRTRunner(self.engine_path)
         self.runner.__enter__()
         logger.info("tensorrt: loaded %s", self.engine_path)
@@ -156,11 +156,11 @@ class TensorRTBackend:
         self.runner.__exit__(None, None, None)
 
 
-def find_or_build_engine(model: ModelInfo, max_batch_size: int) -> Path:
+def find_cached_engine(model: ModelInfo, max_batch_size: int) -> Path:
     """The cached engine for this GPU + TensorRT version (max batch >= ours); BackendError without one.
 
     The server loads engines; building one is `efficientad engine`'s job (the Docker entrypoint runs it
-    before the server starts), so serving never imports the exporter. The name is kept for callers.
+    before the server starts), so serving never imports the exporter.
     """
     from server.tensorrt_runner import gpu_name, tensorrt_version
 
