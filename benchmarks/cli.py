@@ -130,6 +130,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         default=60_000.0,
         help="server deadline per request (60000 here, so overload shows as latency, not 504s)",
     )
+    overhead = bench.add_argument_group("server overhead (a null model: the server's own cost)")
+    overhead.add_argument("--no-server-overhead", action="store_true", help="skip the null-model runs")
+    overhead.add_argument(
+        "--overhead-duration", type=float, default=5.0, help="seconds measured per null-model run (5)"
+    )
+    overhead.add_argument(
+        "--server-workers", type=int, default=1, help="efficientad serve --workers for those runs (1)"
+    )
     out = bench.add_argument_group("output")
     out.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     out.add_argument("--work-dir", type=Path, help="keep the inputs and the server log here")
@@ -160,6 +168,8 @@ def bench_command(args: argparse.Namespace) -> int:
         "http_image_size",
         "server_max_batch_size",
         "server_request_timeout_ms",
+        "overhead_duration",
+        "server_workers",
     ):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _positive("--training-steps", args.training_steps)
@@ -203,6 +213,9 @@ def bench_command(args: argparse.Namespace) -> int:
         server_max_batch_size=args.server_max_batch_size,
         server_max_batch_delay_ms=args.server_max_batch_delay_ms,
         server_request_timeout_ms=args.server_request_timeout_ms,
+        server_overhead=not args.no_server_overhead,
+        overhead_duration_s=args.overhead_duration,
+        server_workers=args.server_workers,
         training=not args.no_training,
         training_sizes=args.training_sizes,
         training_steps=args.training_steps or (50 if gpu else 5),

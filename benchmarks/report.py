@@ -13,6 +13,10 @@ Schema (version 1), documented field by field in README.md, "Benchmarks":
     training_speed{} {device, rows[] {stage, device, precision, image_size, crop, batch_size, median_s,
                       p90_s, steps_per_s, images_per_s, steps, warmup, notes}, notes[]}
                      (optional: reports written before it existed lack it; rows [] when skipped)
+    server_overhead{} {what, client, server_workers, max_batch_size, max_batch_delay_ms, duration_s,
+                       warmup_s, rows[] {target, image, heatmap, concurrency, requests, errors{}, p50_ms,
+                       p99_ms, mean_ms, throughput_rps, stages_p50_ms{}, live_ratio}, targets[]}
+                     (optional: absent when not run; see benchmarks.server_overhead)
 """
 
 from __future__ import annotations
@@ -90,6 +94,20 @@ TRAINING_ROW_KEYS = {
     "warmup": int,
 }
 
+OVERHEAD_KEYS = {"client": str, "server_workers": int, "duration_s": NUMBER, "rows": list, "targets": list}
+OVERHEAD_ROW_KEYS = {
+    "target": str,
+    "image": (str, type(None)),
+    "heatmap": (str, type(None)),
+    "concurrency": int,
+    "p50_ms": OPTIONAL_NUMBER,
+    "p99_ms": OPTIONAL_NUMBER,
+    "throughput_rps": NUMBER,
+    "live_ratio": OPTIONAL_NUMBER,
+    "stages_p50_ms": dict,
+    "errors": dict,
+}
+
 
 def _check(document: Any, keys: dict[str, Any], where: str) -> list[str]:
     if not isinstance(document, dict):
@@ -129,6 +147,13 @@ def validate_report(report: Any) -> list[str]:
         if not section:
             for index, row in enumerate(training["rows"]):
                 problems += _check(row, TRAINING_ROW_KEYS, f"training_speed.rows[{index}]")
+    if "server_overhead" in report:  # optional: absent when not run
+        overhead = report["server_overhead"]
+        section = _check(overhead, OVERHEAD_KEYS, "server_overhead")
+        problems += section
+        if not section:
+            for index, row in enumerate(overhead["rows"]):
+                problems += _check(row, OVERHEAD_ROW_KEYS, f"server_overhead.rows[{index}]")
     return problems
 
 
@@ -200,12 +225,14 @@ def build_report(
     notes: list[str],
     reference_b1_ms: float | None = None,
     training_speed: dict[str, Any] | None = None,
+    server_overhead: dict[str, Any] | None = None,
     created: datetime.datetime | None = None,
 ) -> dict[str, Any]:
     """The report document; `training_speed` is `benchmarks.training_speed.TrainingSpeed.as_dict()`
-    (None: the section was not run, an empty one is written)."""
+    (None: the section was not run, an empty one is written); `server_overhead` is
+    `benchmarks.server_overhead.bench_server_overhead`'s section (None: not run, left out)."""
     created = created or datetime.datetime.now(datetime.UTC)
-    return {
+    report = {
         "schema_version": SCHEMA_VERSION,
         "created": created.isoformat(timespec="seconds"),
         "device": device,
@@ -220,6 +247,9 @@ def build_report(
         "notes": notes,
         "training_speed": training_speed or {"device": device["name"], "rows": [], "notes": []},
     }
+    if server_overhead is not None:
+        report["server_overhead"] = server_overhead
+    return report
 
 
 # ---------------------------------------------------------------- Markdown
@@ -360,6 +390,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     training = training_speed_markdown(report.get("training_speed") or {})
     if training:
         lines += ["", *training]
+    if report.get("server_overhead"):
+        from benchmarks.server_overhead import overhead_markdown
+
+        lines += ["", *overhead_markdown(report["server_overhead"])]
     derived = report["derived"]
     lines += [
         "",

@@ -20,6 +20,7 @@ from benchmarks import environment, inputs
 from benchmarks.backends import BenchBackend, available_backends
 from benchmarks.model_setup import BenchModel, prepare_model
 from benchmarks.report import build_report, write_report
+from benchmarks.server_overhead import OverheadSettings, bench_server_overhead, targets
 from benchmarks.server_process import ServerProcess, ServerStartError
 from benchmarks.stages import time_stages
 from benchmarks.timing import measure_within
@@ -66,6 +67,10 @@ class BenchSettings:
     server_max_batch_size: int = 16
     server_max_batch_delay_ms: float = 2.0
     server_request_timeout_ms: float = 60_000.0  # past it the server answers 504 (its own default: 10 s)
+    # server overhead (benchmarks.server_overhead): the server itself, on a null model
+    server_overhead: bool = True
+    overhead_duration_s: float = 5.0
+    server_workers: int = 1
     # training speed (benchmarks.training_speed): on the GPU with `gpu`, else the CPU
     training: bool = True
     training_sizes: list[int] = field(default_factory=lambda: [128, 256])  # train step image sides
@@ -379,6 +384,21 @@ def run_bench(settings: BenchSettings) -> tuple[dict[str, Any], dict[str, Path]]
                     f"HTTP load client and server share this machine's {device['cpu_count']} CPU cores: the "
                     "client's own CPU time is taken from the server"
                 )
+        overhead = None
+        if settings.server_overhead:
+            try:
+                overhead_settings = OverheadSettings(
+                    duration_s=settings.overhead_duration_s, workers=settings.server_workers
+                )
+                overhead = bench_server_overhead(
+                    overhead_settings,
+                    work_dir=work_dir,
+                    env=_child_env(),
+                )
+                overhead["targets"] = targets(overhead)
+            except ServerStartError as error:
+                logger.error("server-overhead runs skipped: %s", error)
+                notes.append(f"server-overhead runs skipped: {str(error).strip().splitlines()[-1]}"[:400])
         host = environment.describe_host(load_at_start, cores_at_start)
         for moment in ("start", "end"):
             cores = host[f"effective_cores_{moment}"]
@@ -403,6 +423,7 @@ def run_bench(settings: BenchSettings) -> tuple[dict[str, Any], dict[str, Path]]
             notes=notes,
             reference_b1_ms=reference_b1_ms,
             training_speed=training_speed,
+            server_overhead=overhead,
         )
         paths = write_report(report, Path(settings.out_dir))
         return report, paths

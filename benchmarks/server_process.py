@@ -55,6 +55,8 @@ class ServerProcess:
         max_batch_size: int = 16,
         max_batch_delay_ms: float = 2.0,
         request_timeout_ms: float | None = None,
+        workers: int = 1,
+        log_level: str = "WARNING",
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 300.0,
     ):
@@ -64,6 +66,8 @@ class ServerProcess:
         self.max_batch_size = max_batch_size
         self.max_batch_delay_ms = max_batch_delay_ms
         self.request_timeout_ms = request_timeout_ms
+        self.workers = workers
+        self.log_level = log_level
         self.env = dict(env or {})
         self.ready_timeout_s = ready_timeout_s
         self.port = free_port()
@@ -76,16 +80,16 @@ class ServerProcess:
             [] if self.request_timeout_ms is None else ["--request-timeout-ms", str(self.request_timeout_ms)]
         )
         return [
-            sys.executable, "-m", "efficientad", "--log-level", "WARNING", "serve", str(self.model_dir),
+            sys.executable, "-m", "efficientad", "--log-level", self.log_level, "serve", str(self.model_dir),
             "--host", "127.0.0.1", "--port", str(self.port), "--backend", self.backend,
             "--max-batch-size", str(self.max_batch_size),
-            "--max-batch-delay-ms", str(self.max_batch_delay_ms), *timeout,
+            "--max-batch-delay-ms", str(self.max_batch_delay_ms), "--workers", str(self.workers), *timeout,
         ]  # fmt: skip
 
     def __enter__(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # closed in __exit__
-        env = {**os.environ, "EAD_LOG_LEVEL": "WARNING", **self.env}
+        env = {**os.environ, "EAD_LOG_LEVEL": self.log_level, **self.env}
         logger.info("starting server: %s", " ".join(self.command()))
         self._process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:

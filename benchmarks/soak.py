@@ -1,10 +1,13 @@
 """Soak test: the real server under a steady open-loop load for a long time.
 
-    python -m benchmarks.soak --duration 600 --fraction 0.7      (or: make soak DURATION=600)
+    python -m benchmarks.soak --null-model --duration 600 --fraction 0.8      (or: make soak)
 
 1. Starts `efficientad serve` (ONNX Runtime on the CPU by default) on a free loopback port with the
-   given model dir, or a random-weight 256 px model exported on the spot (cached between runs).
-2. Measures the server's capacity briefly: a closed loop of `--capacity-concurrency` clients.
+   given model dir, a null model (`--null-model`: the real contract, a negligible graph, so the load is
+   on the server itself), or a random-weight 256 px model exported on the spot (cached between runs).
+2. Measures the server's capacity briefly: a closed loop of `--capacity-concurrency` clients (32 for the
+   null model, else 4). The client is benchmarks.raw_http (keep-alive, requests prepared as bytes), so
+   it takes little of the CPU it shares with the server.
 3. Offers `--fraction` of that capacity as an open loop (requests at fixed times whether or not earlier
    ones were answered; latency counts from the scheduled send time) for `--duration` seconds, with the
    bundled cookie photos in turn as request bodies (full pipeline: decode, batch, infer, heatmap PNG).
@@ -37,8 +40,15 @@ from typing import Any
 from benchmarks.environment import describe_device, describe_host, library_versions, load_average
 from benchmarks.http_load import arrival_offsets
 from benchmarks.model_setup import default_cache_dir, prepare_model
+from benchmarks.null_model import make_null_model
+from benchmarks.raw_http import ConnectionPool, ProtocolError, build_request, split_url
 from benchmarks.server_process import ServerProcess
 from benchmarks.timing import percentile
+
+try:
+    from orjson import loads as json_loads
+except ModuleNotFoundError:
+    from json import loads as json_loads
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +66,9 @@ class SoakSettings:
     interval_s: float | None = None  # None: 60 s for runs of 10 min or more, else duration / 6 (>= 5 s)
     warmup_s: float | None = None  # None: min(60 s, duration / 5); memory baseline = end of warm-up
     capacity_s: float = 10.0  # closed-loop capacity measurement (after 2 s of warm-up)
-    capacity_concurrency: int = 4  # 2-core CPU: more only queues; GPUs want ~2x the max batch
+    capacity_concurrency: int | None = None  # None: 32 for the null model, else 4 (2-core CPU: more only
+    # queues behind a real model; GPUs want ~2x the max batch)
+    null_model: bool = False  # serve benchmarks.null_model: the server's own capacity, not the model's
     backend: str = "onnxruntime-cpu"
     max_batch_size: int = 16
     max_batch_delay_ms: float = 2.0
@@ -70,6 +82,11 @@ class SoakSettings:
         if self.interval_s is not None:
             return self.interval_s
         return 60.0 if self.duration_s >= 600 else max(5.0, self.duration_s / 6)
+
+    def concurrency(self) -> int:
+        if self.capacity_concurrency is not None:
+            return self.capacity_concurrency
+        return 32 if self.null_model else 4
 
     def warmup(self) -> float:
         return self.warmup_s if self.warmup_s is not None else min(60.0, self.duration_s / 5)
@@ -150,18 +167,16 @@ async def sample_memory(pid: int, origin: float, stop: asyncio.Event, into: list
 # ------------------------------------------------------------------------------------ requests
 
 
-async def post_image(client: Any, url: str, body: bytes, *, want_heatmap: bool) -> str | None:
+async def post_image(pool: ConnectionPool, request: bytes, *, want_heatmap: bool) -> str | None:
     """None for a good answer (200, finite score, heatmap when asked), else what went wrong."""
-    import httpx
-
     try:
-        response = await client.post(url, content=body, headers={"Content-Type": "image/jpeg"})
-    except httpx.HTTPError as error:
+        reply = await pool.exchange(request)
+    except (OSError, TimeoutError, ProtocolError, asyncio.IncompleteReadError) as error:
         return type(error).__name__
-    if response.status_code != 200:
-        return str(response.status_code)
+    if reply.status != 200:
+        return str(reply.status)
     try:
-        document = response.json()
+        document = json_loads(reply.body)
         score = float(document["score"])
     except (ValueError, KeyError, TypeError):
         return "bad_response"
@@ -170,12 +185,18 @@ async def post_image(client: Any, url: str, body: bytes, *, want_heatmap: bool) 
     return None
 
 
-def _client(connections: int, timeout_s: float) -> Any:
-    import httpx
+def predict_requests(url: str, images: list[bytes]) -> list[bytes]:
+    """One prepared HTTP request per image (POST url, Content-Type image/jpeg)."""
+    host, port, path = split_url(url)
+    return [
+        build_request("POST", path, host=f"{host}:{port}", body=body, headers={"Content-Type": "image/jpeg"})
+        for body in images
+    ]
 
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    # trust_env=False: no proxy from the environment between the client and a loopback server
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s), trust_env=False)
+
+def _pool(url: str, timeout_s: float) -> ConnectionPool:
+    host, port, _ = split_url(url)
+    return ConnectionPool(host, port, timeout_s=timeout_s)
 
 
 async def measure_capacity(
@@ -188,23 +209,26 @@ async def measure_capacity(
     warmup_s = 2.0
     latencies: list[float] = []
     errors: Counter[str] = Counter()
-    async with _client(concurrency, timeout_s) as client:
-        origin = time.perf_counter()
-        window_start, window_end = origin + warmup_s, origin + warmup_s + seconds
+    requests = predict_requests(url, images)
+    pool = _pool(url, timeout_s)
+    await pool.prepare(concurrency)
+    origin = time.perf_counter()
+    window_start, window_end = origin + warmup_s, origin + warmup_s + seconds
 
-        async def worker(offset: int) -> None:
-            sent = offset
-            while (start := time.perf_counter()) < window_end:
-                error = await post_image(client, url, images[sent % len(images)], want_heatmap=want_heatmap)
-                sent += concurrency
-                if start >= window_start:
-                    if error is None:
-                        latencies.append((time.perf_counter() - start) * 1000)
-                    else:
-                        errors[error] += 1
+    async def worker(offset: int) -> None:
+        sent = offset
+        while (start := time.perf_counter()) < window_end:
+            error = await post_image(pool, requests[sent % len(requests)], want_heatmap=want_heatmap)
+            sent += concurrency
+            if start >= window_start:
+                if error is None:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                else:
+                    errors[error] += 1
 
-        await asyncio.gather(*(worker(index) for index in range(concurrency)))
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
+    elapsed = max(time.perf_counter() - window_start, 1e-9)
+    pool.close()
     return len(latencies) / elapsed, percentile(latencies, 50) if latencies else None, errors
 
 
@@ -226,25 +250,29 @@ async def open_loop(
     samples: list[MemorySample] = []
     max_lag_s = 0.0
     stop = asyncio.Event()
-    async with _client(512, timeout_s) as client:
-        origin = time.perf_counter()
-        sampler = asyncio.create_task(sample_memory(pid, origin, stop, samples))
+    requests = predict_requests(url, images)
+    pool = _pool(url, timeout_s)  # a connection per request in flight, kept alive and reused
+    origin = time.perf_counter()
+    sampler = asyncio.create_task(sample_memory(pid, origin, stop, samples))
 
-        async def send(index: int, offset: float) -> None:
-            nonlocal max_lag_s
-            max_lag_s = max(max_lag_s, time.perf_counter() - origin - offset)
-            error = await post_image(client, url, images[index % len(images)], want_heatmap=want_heatmap)
-            outcomes.append(Outcome(offset, (time.perf_counter() - origin - offset) * 1000, error))
+    async def send(index: int, offset: float) -> None:
+        nonlocal max_lag_s
+        max_lag_s = max(max_lag_s, time.perf_counter() - origin - offset)
+        error = await post_image(pool, requests[index % len(requests)], want_heatmap=want_heatmap)
+        outcomes.append(Outcome(offset, (time.perf_counter() - origin - offset) * 1000, error))
 
-        tasks = []
-        for index, offset in enumerate(arrival_offsets(rate, duration_s, "fixed")):
-            delay = origin + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(index, offset)))
-        await asyncio.gather(*tasks)
-        stop.set()
-        await sampler
+    tasks = set()
+    for index, offset in enumerate(arrival_offsets(rate, duration_s, "fixed")):
+        delay = origin + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(send(index, offset))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    stop.set()
+    await sampler
+    pool.close()
     outcomes.sort(key=lambda outcome: outcome.scheduled_s)
     return outcomes, samples, max_lag_s * 1000
 
@@ -374,6 +402,8 @@ def run_soak(
     """Start the server, measure capacity, hold the load, write the report -> (report, json, md)."""
     started_at = datetime.datetime.now(datetime.UTC)
     load_start = load_average()
+    if settings.null_model:
+        model_dir = make_null_model(work_dir / "null-model")
     model = prepare_model(
         model_dir=model_dir,
         run_dir=None,
@@ -398,12 +428,12 @@ def run_soak(
         url = f"{server.url}/predict" + (f"?{settings.query}" if settings.query else "")
         served = server.model_info()
         logger.info("measuring capacity for %.0f s (closed loop, %d clients)", settings.capacity_s,
-                    settings.capacity_concurrency)  # fmt: skip
+                    settings.concurrency())  # fmt: skip
         capacity, capacity_p50, capacity_errors = asyncio.run(
             measure_capacity(
                 url,
                 images,
-                concurrency=settings.capacity_concurrency,
+                concurrency=settings.concurrency(),
                 seconds=settings.capacity_s,
                 timeout_s=settings.request_timeout_s,
                 want_heatmap=want_heatmap,
@@ -471,7 +501,7 @@ def run_soak(
         },
         "capacity": {
             "mode": "closed",
-            "concurrency": settings.capacity_concurrency,
+            "concurrency": settings.concurrency(),
             "seconds": settings.capacity_s,
             "rps": _rounded(capacity),
             "p50_ms": _rounded(capacity_p50) if capacity_p50 is not None else None,
@@ -593,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SoakSettings()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, help="model dir to serve (default: random 256 px model)")
+    parser.add_argument(
+        "--null-model",
+        action="store_true",
+        help="serve a null model (real contract, negligible graph): the server's own capacity",
+    )
     parser.add_argument("--duration", type=float, default=defaults.duration_s, help="seconds of load (600)")
     parser.add_argument("--fraction", type=float, default=defaults.fraction, help="of capacity (0.7)")
     parser.add_argument("--interval", type=float, default=None, help="seconds per report row")
@@ -621,6 +656,7 @@ def settings_from(args: argparse.Namespace) -> SoakSettings:
         warmup_s=args.warmup,
         capacity_s=args.capacity_seconds,
         capacity_concurrency=args.capacity_concurrency,
+        null_model=args.null_model,
         backend=args.backend,
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
@@ -633,8 +669,9 @@ def settings_from(args: argparse.Namespace) -> SoakSettings:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per request
     settings = settings_from(args)
+    if settings.null_model and args.model_dir is not None:
+        raise SystemExit("--null-model and --model-dir exclude each other")
     with tempfile.TemporaryDirectory(prefix="ead-soak-") as work:
         report, json_path, md_path = run_soak(
             settings, model_dir=args.model_dir, out_dir=args.out_dir, work_dir=Path(work)

@@ -9,17 +9,25 @@ imports only the standard library and `efficientad.*`. `export.model_dir` re-exp
       model.json                                   format "efficientad-model", input size, threshold, ...
       engines/<gpu>__trt<version>__b<max>.plan     TensorRT engines built on the serving machine
       engines/timing.cache                         TensorRT timing cache shared by builds
+
+`write_threshold` is the one change made to model.json after export: a new decision threshold (the
+replaced one kept in its "threshold_history"); model.onnx, and so the version, stay as they are.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from efficientad.errors import UserError
-from efficientad.files import file_sha256, read_versioned_json
+from efficientad.files import atomic_write, file_sha256, read_versioned_json
 
 __all__ = [
     "ENGINES_DIR",
@@ -30,6 +38,7 @@ __all__ = [
     "MODEL_JSON_FILE",
     "ONNX_FILE",
     "OUTPUT_NAMES",
+    "THRESHOLD_HISTORY_FIELD",
     "VERSION_HEX_DIGITS",
     "ModelDirError",
     "ModelInfo",
@@ -37,6 +46,7 @@ __all__ = [
     "find_engine",
     "parse_engine_filename",
     "read_model_dir",
+    "write_threshold",
 ]
 
 MODEL_FORMAT = "efficientad-model"
@@ -48,6 +58,7 @@ ENGINE_SUFFIX = ".plan"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("anomaly_map", "score")
 VERSION_HEX_DIGITS = 12
+THRESHOLD_HISTORY_FIELD = "threshold_history"
 
 _ENGINE_NAME = re.compile(r"^(?P<gpu>[A-Za-z0-9.-]+)__trt(?P<trt>[A-Za-z0-9.-]+)__b(?P<batch>[0-9]+)\.plan$")
 
@@ -123,6 +134,48 @@ def read_model_dir(path: Path, *, name: str | None = None, verify_hash: bool = T
         engines_dir=path / ENGINES_DIR,
         metadata=document,
     )
+
+
+def write_threshold(model_dir: Path, threshold: float, *, details: Mapping[str, Any]) -> dict[str, Any]:
+    """Set model.json's "threshold" to `threshold`; returns the history entry appended for the old one.
+
+    The entry is `{"threshold": previous, "replaced_at": ISO UTC time, "new_threshold": threshold,
+    **details}` (details: where the new value comes from, e.g. source, false_alarm_rate, good_images).
+    The model dir must be complete and model.onnx must match its recorded sha256 (ModelDirError
+    otherwise); model.json is replaced atomically with the same permissions, model.onnx is not touched.
+    """
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"the threshold must be a finite number, got {threshold}")
+    reserved = {"threshold", "replaced_at", "new_threshold"} & set(details)
+    if reserved:
+        raise ValueError(f"details may not set {sorted(reserved)}: write_threshold fills them in")
+    info = read_model_dir(model_dir)
+    json_path = info.path / MODEL_JSON_FILE
+    document = dict(info.metadata)
+    history = document.get(THRESHOLD_HISTORY_FIELD, [])
+    if not isinstance(history, list):
+        raise ModelDirError(f"{json_path}: {THRESHOLD_HISTORY_FIELD!r} is not a list")
+    entry = {
+        "threshold": document.get("threshold"),
+        "replaced_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "new_threshold": threshold,
+        **details,
+    }
+    document["threshold"] = threshold
+    document[THRESHOLD_HISTORY_FIELD] = [*history, entry]
+    text = json.dumps(document, indent=2) + "\n"
+    mode = json_path.stat().st_mode & 0o777
+
+    def write(temporary: Path) -> None:
+        temporary.write_text(text)
+        os.chmod(temporary, mode)  # the temporary file is created 0600: keep model.json readable
+
+    try:
+        atomic_write(json_path, write)
+    except OSError as error:
+        raise ModelDirError(f"cannot write {json_path}: {error.strerror or error}") from None
+    return entry
 
 
 def _slug(text: str) -> str:

@@ -1,10 +1,11 @@
 # Reliability: `make soak` (long open-loop load on the real server), `make fuzz` (atheris on the image
 # path), `make reliability` (fault injection, fuzzing, security and a short soak as tests).
+# `make soak` holds 80% of a null model's capacity (the server's own limit) for 10 minutes; e.g.
 #   make soak DURATION=900 RATE_FRACTION=0.7 SOAK_ARGS="--model-dir models/demo"
 #   make fuzz FUZZ_SECONDS=1800
 DURATION ?= 600
-RATE_FRACTION ?= 0.7
-SOAK_ARGS ?=
+RATE_FRACTION ?= 0.8
+SOAK_ARGS ?= --null-model
 FUZZ_SECONDS ?= 600
 FUZZ_DIR ?= runs/fuzz  # runs/ is git-ignored
 

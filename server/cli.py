@@ -1,4 +1,5 @@
-"""`efficientad serve MODEL_DIR...` (uvicorn + the FastAPI app), `efficientad predict IMAGE...` (the client).
+"""`efficientad serve MODEL_DIR...` (uvicorn + the FastAPI app), `efficientad predict IMAGE...` (the client),
+`efficientad calibrate MODEL_DIR GOOD_DIR` (a threshold for a false-alarm rate, server.calibrate).
 
 Options not given on the command line come from `EAD_*` environment variables, then the defaults.
 """
@@ -9,6 +10,7 @@ import argparse
 import math
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from efficientad.errors import UserError
@@ -46,6 +48,15 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--request-timeout-ms", type=float, default=None, help="request deadline (default 10000)"
     )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="connections + requests in progress before a fast 503 (default 1024; 0 = no cap)",
+    )
+    serve.add_argument(
+        "--body-timeout-s", type=float, default=None, help="longest a request body may take (default 10)"
+    )
     serve.add_argument("--default-model", default=None, help="model for /predict (default: the first)")
     serve.add_argument(
         "--api-key",
@@ -66,6 +77,70 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     add_predict_arguments(predict)
     predict.set_defaults(handler=predict_command)
 
+    calibrate = subcommands.add_parser(
+        "calibrate",
+        help="choose a model's threshold for a false-alarm rate on good images",
+        description="Score every image under GOOD_DIR (and --defect-dir) with MODEL_DIR/model.onnx on "
+        "the CPU, decoded as the server decodes them, and print the threshold for a false-alarm rate: "
+        "the smallest good score t with at most that fraction of the good scores above t. Also the "
+        "current threshold's false-alarm rate and, with defects, the miss rate and the image AUROC.",
+    )
+    add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(handler=calibrate_command)
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `calibrate` subcommand's arguments (the handler is calibrate_command)."""
+    parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="exported model directory")
+    parser.add_argument(
+        "good_dir", type=Path, metavar="GOOD_DIR", help="folder of good images (searched recursively)"
+    )
+    parser.add_argument(
+        "--defect-dir", type=Path, default=None, metavar="DIR", help="folder of defect images (recursive)"
+    )
+    parser.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=0.01,
+        metavar="RATE",
+        help="largest fraction of good images flagged as anomalies (default 0.01)",
+    )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="store the new threshold in MODEL_DIR/model.json (the old one goes to threshold_history; "
+        "model.onnx and the model version stay the same)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="also write everything (scores per image, thresholds, rates, AUROC) to this JSON file",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default 8)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime CPU threads (default 0: all usable cores)"
+    )
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from server.calibrate import calibrate, summary_lines, write_calibration, write_report
+
+    calibration = calibrate(
+        args.model_dir,
+        args.good_dir,
+        defect_dir=args.defect_dir,
+        false_alarm_rate=args.false_alarm_rate,
+        batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    written = write_calibration(calibration) if args.write else None
+    if args.json is not None:
+        write_report(calibration, args.json, written=written is not None)
+    print("\n".join(summary_lines(calibration, written=written)))
+    return 0
+
 
 def _settings_from(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
@@ -81,6 +156,8 @@ def _settings_from(args: argparse.Namespace) -> Any:
         "max_batch_delay_ms": args.max_batch_delay_ms,
         "max_queue": args.max_queue,
         "request_timeout_ms": args.request_timeout_ms,
+        "max_connections": args.max_connections,
+        "body_timeout_s": args.body_timeout_s,
         "default_model": args.default_model,
         "api_key": args.api_key,
         "log_format": args.log_format,
@@ -121,6 +198,7 @@ def serve_command(args: argparse.Namespace) -> int:
         "access_log": False,  # our own access line per request (server.logs)
         "log_config": None,
         "timeout_graceful_shutdown": math.ceil(settings.graceful_shutdown_s),
+        "limit_concurrency": settings.max_connections or None,  # beyond it: a fast 503, per worker
     }
     if args.workers == 1:
         from server.app import create_app

@@ -71,10 +71,22 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, description="images waiting per model before 503 queue full")
     request_timeout_ms: float = Field(10_000, description="deadline per request; past it the answer is 504")
     max_body_bytes: int = Field(20 * MIB, description="largest request body (413 above)")
+    body_timeout_s: float = Field(
+        10.0, description="longest a request body may take to arrive (408 and the connection closed)"
+    )
+    max_connections: int = Field(
+        1024,
+        description="open connections plus requests in progress before new requests get a fast 503 "
+        "(uvicorn's limit_concurrency; 0 = no cap)",
+    )
     max_image_pixels: int = Field(
         40_000_000, description="largest image in pixels, read from its header (413)"
     )
     min_image_side: int = Field(16, description="smallest allowed image side in px (400 below)")
+    max_regions: int = Field(16, description="most defect regions per answer (largest max_score first)")
+    min_region_area: float = Field(
+        0.0, description="regions smaller than this many original-image pixels are left out"
+    )
     heatmap: HeatmapMode = Field("png", description="default for ?heatmap=")
     heatmap_style: HeatmapStyle = Field("jet", description="default for ?heatmap_style=")
     heatmap_size: HeatmapSize = Field("model", description="default for ?heatmap_size=")
@@ -134,14 +146,22 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least 1, got {value}")
         return value
 
-    @field_validator("request_timeout_ms", "graceful_shutdown_s")
+    @field_validator("request_timeout_ms", "graceful_shutdown_s", "body_timeout_s")
     @classmethod
     def _positive_float(cls, value: float) -> float:
         if not value > 0:
             raise ValueError(f"must be greater than 0, got {value}")
         return value
 
-    @field_validator("max_batch_delay_ms", "intra_op_threads", "decode_threads", "retry_after_s")
+    @field_validator(
+        "max_batch_delay_ms",
+        "intra_op_threads",
+        "decode_threads",
+        "retry_after_s",
+        "max_connections",
+        "max_regions",
+        "min_region_area",
+    )
     @classmethod
     def _not_negative(cls, value: float) -> float:
         if value < 0:

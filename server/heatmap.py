@@ -3,19 +3,21 @@
 Never min-max per image: that would stretch the noise of a defect-free image to full red. The scale is
 (0, 2 * threshold): the decision threshold sits at the middle of the colour range (jet's green-yellow),
 anything at or above twice the threshold is saturated.
+
+Encoding (server.png): gray as an 8-bit gray PNG, jet as a palette PNG (the levels plus the jet table: a
+third of the bytes of RGB, decoded to the same colours), overlay as RGB.
 """
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
+
+from server.png import encode_png
 
 HEATMAP_STYLES = ("gray", "jet", "overlay")
 DEFAULT_VALUE_RANGE = (0.0, 0.2)
 OVERLAY_ALPHA = 0.5
-PNG_COMPRESS_LEVEL = 1  # zlib level 1: several times faster than the default 6, files a little larger
 
 
 def _jet_lookup_table() -> np.ndarray:
@@ -51,14 +53,6 @@ def _jet_image(levels: np.ndarray) -> Image.Image:
     return image.convert("RGB")
 
 
-def _encode_png(image: Image.Image | np.ndarray) -> bytes:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
-
-
 def render_heatmap(
     anomaly_map: np.ndarray,
     *,
@@ -67,7 +61,8 @@ def render_heatmap(
     size: tuple[int, int] | None = None,
     background: np.ndarray | None = None,
 ) -> bytes:
-    """(H, W) float32 anomaly map -> PNG: 'gray' (8-bit L), 'jet' (RGB) or 'overlay' (jet over the image).
+    """(H, W) float32 anomaly map -> PNG: 'gray' (8-bit gray), 'jet' (palette) or 'overlay' (RGB: jet over
+    the image).
 
     `size` (width, height) resizes the map bilinearly first (e.g. to the original image size).
     `background` (3, H, W) uint8 is the model-size input image, needed for 'overlay' (resized to match).
@@ -92,13 +87,14 @@ def render_heatmap(
     levels = _to_levels(anomaly_map, value_range)  # (h, w) uint8
 
     if style == "gray":
-        return _encode_png(levels)
-    colours = _jet_image(levels)  # RGB, (w, h)
+        return encode_png(levels)
     if style == "jet":
-        return _encode_png(colours)
+        return encode_png(levels, palette=JET_LUT)
 
     assert background is not None  # checked above
+    colours = _jet_image(levels)  # RGB, (w, h)
     image = Image.fromarray(np.ascontiguousarray(background.transpose(1, 2, 0)))  # (H, W, 3)
     if image.size != colours.size:
         image = image.resize(colours.size, Image.Resampling.BILINEAR)
-    return _encode_png(Image.blend(image, colours, OVERLAY_ALPHA))
+    blended = np.asarray(Image.blend(image, colours, OVERLAY_ALPHA))  # (h, w, 3) uint8
+    return encode_png(blended)

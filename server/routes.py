@@ -10,6 +10,7 @@ import asyncio
 import base64
 import functools
 import hmac
+import logging
 import math
 import mimetypes
 import time
@@ -17,11 +18,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
+from server.answers import JsonAnswer, dumps, server_timing
 from server.batcher import BatcherClosed, DeadlineExceeded, InferenceFailed, QueueFull
 from server.config import HeatmapMode, HeatmapSize, HeatmapStyle
 from server.heatmap import heatmap_value_range, render_heatmap
@@ -34,18 +38,23 @@ from server.imaging import (
     decode_for_model,
     normalise_content_type,
 )
+from server.regions import find_regions
 from server.schemas import (
     BatchPrediction,
     ErrorBody,
     Liveness,
     ModelDescription,
     ModelList,
+    ModelReload,
     Prediction,
     Readiness,
 )
 
 if TYPE_CHECKING:
     from server.app import ServedModel, ServingState
+    from server.config import Settings
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PREDICT_QUERY_NAMES = frozenset({"model", "heatmap", "heatmap_style", "heatmap_size", "threshold"})
@@ -124,9 +133,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "undecodable or too small image, empty or malformed body",
         401: "missing or wrong API key",
         404: "unknown model",
+        408: "the body did not arrive within body_timeout_s",
         413: "body or image too large",
         415: "unsupported content type",
-        422: "bad query parameter",
+        422: "bad query parameter; a reload whose model dir does not load",
         500: "inference failed",
         503: "not ready or queue full (see Retry-After)",
         504: "deadline passed",
@@ -197,6 +207,28 @@ async def predict_with_model(
             422, "invalid_parameter", f"?model={query.model} contradicts the path's model {name!r}"
         )
     return await _predict(request, name, query)
+
+
+@router.post(
+    "/v1/models/{name}/reload",
+    response_model=ModelReload,
+    responses=ERROR_RESPONSES,
+    summary="Re-read the model's dir (new threshold or graph), warm it up and swap it in",
+    dependencies=[Depends(require_api_key)],
+)
+async def reload_model(name: str, request: Request) -> JSONResponse:
+    from server.app import ReloadFailed
+
+    state = serving_state(request)
+    _served_model(state, name)
+    try:
+        answer = await state.reload(name)
+    except ReloadFailed as error:
+        status = 422 if error.bad_model_dir else 500
+        raise ApiError(
+            status, "reload_failed", f"model {name!r} not reloaded, still serving the old one: {error}"
+        ) from None
+    return JSONResponse(answer)
 
 
 @router.get("/health/live", response_model=Liveness, summary="The process is up")
@@ -297,40 +329,73 @@ async def _predict(request: Request, model_name: str | None, query: PredictQuery
         )
     if query.threshold is not None and not math.isfinite(query.threshold):
         raise ApiError(422, "invalid_parameter", f"threshold must be a finite number, got {query.threshold}")
-    model = _served_model(state, model_name or state.default_model)
-    request.state.model = model.info.name
+    name = model_name or state.default_model
+    request.state.model = _served_model(state, name).info.name  # 503 not ready, 404 unknown, first
     wants_png = _accepts_png_over_json(request.headers.get("accept"))
     if wants_png and query.heatmap == "none":
         raise ApiError(422, "invalid_parameter", "heatmap=none contradicts Accept: image/png")
-    options = _RenderOptions(
-        heatmap=wants_png or (query.heatmap or settings.heatmap) == "png",
-        style=query.heatmap_style or settings.heatmap_style,
-        original_size=(query.heatmap_size or settings.heatmap_size) == "original",
-        threshold=query.threshold if query.threshold is not None else model.info.threshold,
-        value_range=heatmap_value_range(model.info.threshold),
-    )
 
+    read_started = time.perf_counter()
     images = await _read_images(
-        request, settings.max_body_bytes, max_files=min(MAX_FILES_PER_REQUEST, settings.max_queue)
+        request,
+        settings.max_body_bytes,
+        max_files=min(MAX_FILES_PER_REQUEST, settings.max_queue),
+        timeout_s=settings.body_timeout_s,
     )
+    read_ms = (time.perf_counter() - read_started) * 1000
     request.state.images = len(images)
     if wants_png and len(images) != 1:
         raise ApiError(
             422, "invalid_parameter", f"Accept: image/png answers one heatmap; got {len(images)} images"
         )
     deadline = started + settings.request_timeout_ms / 1000
-    if len(images) == 1:
-        filename, data, content_type = images[0]
-        result = await _score(state, model, data, content_type, options, started, deadline, label=filename)
-        if wants_png:
-            return _png_response(result, model)
-        return JSONResponse(result.document)
-    results = await _score_all(state, model, images, options, started, deadline)
-    documents = [
-        {"filename": filename, **result.document}
-        for (filename, _, _), result in zip(images, results, strict=True)
-    ]
-    return JSONResponse({"model": model.info.name, "model_version": model.info.version, "results": documents})
+    with state.use(name) as model:  # a reload meanwhile: this request finishes on this model
+        options = _RenderOptions(
+            heatmap=wants_png or (query.heatmap or settings.heatmap) == "png",
+            style=query.heatmap_style or settings.heatmap_style,
+            original_size=(query.heatmap_size or settings.heatmap_size) == "original",
+            threshold=query.threshold if query.threshold is not None else model.info.threshold,
+            value_range=heatmap_value_range(model.info.threshold),
+        )
+        if len(images) == 1:
+            filename, data, content_type = images[0]
+            result = await _score(state, model, data, content_type, options, started, deadline, filename)
+            result.document["timings_ms"]["read"] = round(read_ms, 3)
+            stages = _stages(result.document["timings_ms"])
+            if wants_png:
+                return _png_response(result, model, stages, started)
+            return _json_answer(result.document, stages, started)
+        results = await _score_all(state, model, images, options, started, deadline)
+    documents = []
+    for (filename, _, _), result in zip(images, results, strict=True):
+        result.document["timings_ms"]["read"] = round(read_ms, 3)
+        documents.append({"filename": filename, **result.document})
+    batch = {"model": model.info.name, "model_version": model.info.version, "results": documents}
+    return _json_answer(batch, {"read": read_ms}, started)
+
+
+def _stages(timings_ms: dict[str, float]) -> dict[str, float]:
+    """An answer's timings in pipeline order, named as in Server-Timing (encode is the heatmap)."""
+    return {
+        "read": timings_ms["read"],
+        "decode": timings_ms["decode"],
+        "queue": timings_ms["queue"],
+        "inference": timings_ms["inference"],
+        "heatmap": timings_ms["encode"],
+    }
+
+
+def _json_answer(document: dict[str, Any], stages: dict[str, float], started: float) -> Response:
+    """The document as JSON, with Server-Timing: the stages, the JSON encoding and the total so far."""
+    encode_started = time.perf_counter()
+    body = dumps(document)
+    finished = time.perf_counter()
+    timing = {
+        **stages,
+        "json": (finished - encode_started) * 1000,
+        "total": (finished - started) * 1000,
+    }
+    return JsonAnswer(body, headers={"Server-Timing": server_timing(timing)})
 
 
 @dataclass(frozen=True)
@@ -425,28 +490,28 @@ async def _score(
         raise ApiError(500, "inference_failed", f"{prefix}{error}") from None
 
     encode_started = time.perf_counter()
-    png, heatmap_size = None, None
+    anomaly_map = result.anomaly_map[0]  # (H, W) float32
+    heatmap_size = None
     if options.heatmap:
         heatmap_size = original_size if options.original_size else (info.input_width, info.input_height)
-        png = await _in_pool(
-            state,
-            render_heatmap,
-            result.anomaly_map[0],
-            style=options.style,
-            value_range=options.value_range,
-            size=heatmap_size,
-            background=pixels if options.style == "overlay" else None,
+        png, regions = await _in_pool(
+            state, _heatmap_and_regions, anomaly_map, options, settings, heatmap_size, original_size, pixels
         )
+    else:
+        png, regions = None, _regions(anomaly_map, options, settings, original_size)
     encode_ms = (time.perf_counter() - encode_started) * 1000
+    is_anomaly = options.threshold is not None and result.score > options.threshold
+    state.metrics.observe_prediction(info.name, result.score, is_anomaly)
     document = {
         "model": info.name,
         "model_version": info.version,
         "score": result.score,
-        "is_anomaly": options.threshold is not None and result.score > options.threshold,
+        "is_anomaly": is_anomaly,
         "threshold": options.threshold,
         "heatmap_png": None if png is None else base64.b64encode(png).decode("ascii"),
         "heatmap_size": None if heatmap_size is None else list(heatmap_size),
         "image_size": list(original_size),
+        "regions": regions,
         "timings_ms": {
             "decode": round(decode_ms, 3),
             "queue": round(result.queue_s * 1000, 3),
@@ -458,7 +523,38 @@ async def _score(
     return _Scored(document, png)
 
 
-def _png_response(result: _Scored, model: ServedModel) -> Response:
+def _regions(
+    anomaly_map: np.ndarray, options: _RenderOptions, settings: Settings, original_size: tuple[int, int]
+) -> list[dict[str, Any]]:
+    return find_regions(
+        anomaly_map,
+        options.threshold,
+        image_size=original_size,
+        max_regions=settings.max_regions,
+        min_area=settings.min_region_area,
+    )
+
+
+def _heatmap_and_regions(
+    anomaly_map: np.ndarray,
+    options: _RenderOptions,
+    settings: Settings,
+    heatmap_size: tuple[int, int],
+    original_size: tuple[int, int],
+    pixels: np.ndarray,
+) -> tuple[bytes, list[dict[str, Any]]]:
+    """On a decode thread: the heatmap PNG and the regions, one hop off the event loop for both."""
+    png = render_heatmap(
+        anomaly_map,
+        style=options.style,
+        value_range=options.value_range,
+        size=heatmap_size,
+        background=pixels if options.style == "overlay" else None,
+    )
+    return png, _regions(anomaly_map, options, settings, original_size)
+
+
+def _png_response(result: _Scored, model: ServedModel, stages: dict[str, float], started: float) -> Response:
     document = result.document
     threshold = document["threshold"]
     headers = {
@@ -467,6 +563,8 @@ def _png_response(result: _Scored, model: ServedModel) -> Response:
         "X-Threshold": "none" if threshold is None else repr(threshold),
         "X-Model": model.info.name,
         "X-Model-Version": model.info.version,
+        "X-Regions": str(len(document["regions"])),
+        "Server-Timing": server_timing({**stages, "total": (time.perf_counter() - started) * 1000}),
     }
     return Response(result.png, media_type="image/png", headers=headers)
 
@@ -510,7 +608,7 @@ def _accepts_png_over_json(accept: str | None) -> bool:
 
 
 async def _read_images(
-    request: Request, limit: int, *, max_files: int
+    request: Request, limit: int, *, max_files: int, timeout_s: float
 ) -> list[tuple[str | None, bytes, str | None]]:
     """The request's images as (filename, bytes, content type): the raw body or each multipart file."""
     raw_type = request.headers.get("content-type")
@@ -526,14 +624,20 @@ async def _read_images(
             f"unsupported Content-Type {raw_type!r}: send one of "
             f"{', '.join(SUPPORTED_CONTENT_TYPES)} or {MULTIPART}",
         )
-    body = await _read_body(request, limit)
+    body = await _read_body(request, limit, timeout_s)
     if media_type != MULTIPART:
         return [(None, body, raw_type)]
     return await _multipart_files(request, body, max_files)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) by Content-Length before reading, and again while streaming."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refusing (413) by Content-Length before reading, and again while streaming.
+
+    A body that has not all arrived within `timeout_s` is refused (408) and its connection closed: a
+    client that stops sending mid-body holds nothing for longer than that. A client that disconnects
+    mid-body is logged at INFO (it is the client's doing, not a server error) and answered 499, which
+    only the access log and the metrics see.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -541,11 +645,23 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise ApiError(413, "body_too_large", f"the body is {int(declared)} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {timeout_s:g} s ({size} bytes came); the connection is closed",
+            {"Connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        logger.info("client disconnected during the upload, after %d bytes of the body", size)
+        raise ApiError(499, "client_disconnected", "the client disconnected during the upload") from None
     return b"".join(chunks)
 
 

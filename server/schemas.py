@@ -6,11 +6,21 @@ from pydantic import BaseModel, Field
 
 
 class Timings(BaseModel):
+    read: float = Field(description="ms receiving the request body")
     decode: float = Field(description="ms decoding and resizing the image")
     queue: float = Field(description="ms waiting for a batch")
     inference: float = Field(description="ms of the batched inference call")
     encode: float = Field(description="ms encoding the heatmap PNG")
     total: float = Field(description="ms from the request's start to this result")
+
+
+class Region(BaseModel):
+    x: int = Field(description="left edge in original-image pixels")
+    y: int = Field(description="top edge in original-image pixels")
+    width: int
+    height: int
+    area: int = Field(description="original-image pixels above the threshold in this region")
+    max_score: float = Field(description="the anomaly map's maximum inside the region")
 
 
 class Prediction(BaseModel):
@@ -22,6 +32,10 @@ class Prediction(BaseModel):
     heatmap_png: str | None = Field(description="base64 PNG of the anomaly map, null with heatmap=none")
     heatmap_size: list[int] | None = Field(description="[width, height] of the heatmap PNG")
     image_size: list[int] = Field(description="[width, height] of the uploaded image")
+    regions: list[Region] = Field(
+        description="connected parts of the map above the threshold in use, largest max_score first "
+        "(at most max_regions); [] without a threshold"
+    )
     timings_ms: Timings
 
 
@@ -50,6 +64,15 @@ class ModelDescription(BaseModel):
     max_batch_size: int
     max_batch_delay_ms: float
     default: bool
+
+
+class ModelReload(BaseModel):
+    model: str
+    version: str = Field(description="the version now served")
+    previous_version: str
+    threshold: float | None = Field(description="the threshold now in use")
+    previous_threshold: float | None
+    reload_s: float = Field(description="seconds to load and warm up the new backend")
 
 
 class ModelList(BaseModel):

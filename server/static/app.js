@@ -156,6 +156,8 @@
         original: element.querySelector(".original"),
         heatmap: element.querySelector(".heatmap"),
         imageSize: element.querySelector(".image-size"),
+        regions: element.querySelector(".regions"),
+        regionCount: element.querySelector(".region-count"),
         styleName: element.querySelector(".heatmap-style-name"),
         score: element.querySelector(".score"),
         thresholdNote: element.querySelector(".threshold-note"),
@@ -238,6 +240,8 @@
     result.parts.timings.textContent = "";
     result.parts.heatmap.removeAttribute("src");
     result.parts.heatmap.alt = "";
+    result.parts.regions.replaceChildren();
+    result.parts.regionCount.textContent = "";
     result.parts.error.textContent = message;
   }
 
@@ -264,6 +268,7 @@
       result.parts.heatmap.alt = "";
       result.parts.styleName.textContent = "(none returned)";
     }
+    showRegions(result, body);
     const timings = body.timings_ms || {};
     const stages = ["decode", "queue", "inference", "encode"]
       .filter((stage) => Number.isFinite(timings[stage]))
@@ -273,12 +278,37 @@
     updateVerdict(result);
   }
 
+  // Defect regions from the server, as boxes over the original (percent of the image: any display size).
+  function showRegions(result, body) {
+    const frame = result.parts.regions;
+    frame.replaceChildren();
+    const regions = Array.isArray(body.regions) ? body.regions : [];
+    const [width, height] = Array.isArray(body.image_size) ? body.image_size : [0, 0];
+    if (width && height) {
+      for (const region of regions) {
+        const box = document.createElement("div");
+        box.className = "region";
+        box.style.left = `${(100 * region.x) / width}%`;
+        box.style.top = `${(100 * region.y) / height}%`;
+        box.style.width = `${(100 * region.width) / width}%`;
+        box.style.height = `${(100 * region.height) / height}%`;
+        box.title = `max score ${formatNumber(region.max_score)}, ${region.area} px`;
+        frame.append(box);
+      }
+    }
+    const at = body.threshold === null || body.threshold === undefined ? "" : ` at ${formatNumber(body.threshold)}`;
+    result.parts.regionCount.textContent =
+      regions.length ? `· ${regions.length} region${regions.length === 1 ? "" : "s"}${at}` : "";
+    result.element.dataset.regions = String(regions.length);
+  }
+
   async function inspect(result) {
     const generation = ++result.generation;
     const style = state.heatmapStyle;
     showPending(result);
     updateSummary();
     const query = new URLSearchParams({ heatmap: "png", heatmap_style: style });
+    if (state.threshold !== null) query.set("threshold", String(state.threshold)); // regions at the page's threshold
     let response;
     let text;
     try {

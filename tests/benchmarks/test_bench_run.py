@@ -27,7 +27,7 @@ def test_tiny_bench_produces_json_markdown_and_plot(
         "bench", "--image-size", "64", "--batch-sizes", "1,2", "--repeats", "1", "--iterations", "3",
         "--warmup", "1", "--no-pytorch", "--stage-sizes", "256", "--concurrency", "1,4", "--duration", "2",
         "--http-warmup", "0.5", "--rates", "4", "--out", str(out), "--work-dir", str(tmp_path / "work"),
-        "--cache-dir", str(cache_dir), "--no-training",
+        "--cache-dir", str(cache_dir), "--no-training", "--overhead-duration", "0.5",
     ]  # fmt: skip
     assert main(argv) == 0
 
@@ -68,8 +68,14 @@ def test_tiny_bench_produces_json_markdown_and_plot(
     assert again.model_dir == cached_model and again.random_weights
     assert (cached_model / "model.onnx").stat().st_mtime_ns == onnx_mtime
 
+    overhead = report["server_overhead"]  # the null model's runs (tests/benchmarks/test_server_overhead.py)
+    assert {(row["target"], row["concurrency"]) for row in overhead["rows"]} >= {("live", 1), ("predict", 32)}
+    assert all(row["errors"] == {} and row["requests"] > 0 for row in overhead["rows"])
+    assert len(overhead["targets"]) == 4
+
     printed = capsys.readouterr().out
     assert "| onnxruntime-cpu | fp32 | cpu | n/a (CPU) | 2 |" in printed
+    assert "### Server overhead (null model" in printed
     assert md_files[0].read_text() in printed
     assert (tmp_path / "work" / "server.log").is_file()
 
@@ -80,7 +86,7 @@ def test_a_server_that_cannot_start_costs_the_http_rows_only(tmp_path: Path, cac
     argv = [
         "bench", "--image-size", "64", "--batch-sizes", "1", "--repeats", "1", "--iterations", "2",
         "--warmup", "0", "--no-pytorch", "--no-stages", "--server-backend", "tensorrt", "--out", str(out),
-        "--cache-dir", str(cache_dir), "--no-training",
+        "--cache-dir", str(cache_dir), "--no-training", "--no-server-overhead",
     ]  # fmt: skip
     assert main(argv) == 0
     (json_file,) = out.glob("*.json")

@@ -196,7 +196,7 @@ def test_atheris_coverage_guided_run(tmp_path: Path) -> None:
     harness.write_seeds(corpus)
     for path in REGRESSIONS:
         shutil.copy(path, corpus / path.name)
-    # a fixed seed keeps CI reproducible; longer unseeded runs are `make fuzz` (README, "Reliability")
+    # a fixed seed keeps CI reproducible; longer unseeded runs: `make fuzz` (docs/reliability.md, "Fuzzing")
     command = [sys.executable, str(HARNESS), str(corpus), f"-runs={ATHERIS_RUNS}", "-seed=1",
                "-max_len=65536", "-max_total_time=120", f"-artifact_prefix={tmp_path}/"]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)

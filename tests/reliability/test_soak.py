@@ -1,6 +1,6 @@
 """A short soak (about a minute) of the real `efficientad serve` process: capacity, then an open-loop load
 at half of it with the cookie photos; no request may fail and the server's memory must stay in bounds.
-Marked slow: deselect with `-m "not slow"`. The long run is `make soak` (README.md, "Reliability").
+Marked slow: deselect with `-m "not slow"`. The long run is `make soak` (docs/reliability.md, "Soak").
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def test_cookie_images_score_like_the_graph_run_directly(
             assert result["image_size"] == list(Image.open(path).size)
             assert result["heatmap_size"] == [256, 256]
             assert decode_png(base64.b64decode(result["heatmap_png"])).size == (256, 256)
-            assert set(result["timings_ms"]) == {"decode", "queue", "inference", "encode", "total"}
+            assert set(result["timings_ms"]) == {"read", "decode", "queue", "inference", "encode", "total"}
             assert result["timings_ms"]["total"] >= result["timings_ms"]["inference"] > 0
 
         query = "heatmap_size=original&heatmap_style=overlay"
@@ -281,7 +281,7 @@ def test_heatmap_styles_and_no_heatmap(strict_server: str, good_request: tuple[b
     body, expected = good_request
     headers = {"Content-Type": "image/png"}
     with httpx.Client(base_url=strict_server, timeout=60) as http:
-        for style, mode in (("gray", "L"), ("jet", "RGB"), ("overlay", "RGB")):
+        for style, mode in (("gray", "L"), ("jet", "P"), ("overlay", "RGB")):
             result = http.post(f"/predict?heatmap_style={style}", content=body, headers=headers).json()
             assert decode_png(base64.b64decode(result["heatmap_png"])).mode == mode
             assert result["score"] == pytest.approx(expected, rel=SCORE_RTOL)

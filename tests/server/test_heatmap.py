@@ -67,7 +67,7 @@ def test_all_zero_map_is_the_low_colour_whatever_else_is_rendered() -> None:
     zeros = np.zeros((32, 32), dtype=np.float32)
     hot = np.full((32, 32), 5.0, dtype=np.float32)
     render_heatmap(hot, style="jet", value_range=VALUE_RANGE)
-    image = np.asarray(decode_png(render_heatmap(zeros, style="jet", value_range=VALUE_RANGE)))
+    image = np.asarray(decode_png(render_heatmap(zeros, style="jet", value_range=VALUE_RANGE)).convert("RGB"))
     assert (image == JET_LUT[0]).all()
     np.testing.assert_array_equal(JET_LUT[0], [0, 0, 128])  # dark blue
 
@@ -75,14 +75,17 @@ def test_all_zero_map_is_the_low_colour_whatever_else_is_rendered() -> None:
     calm = rng.uniform(0.0, 0.01, size=(32, 32)).astype(np.float32)  # well under the threshold
     levels = np.asarray(decode_png(render_heatmap(calm, style="gray", value_range=VALUE_RANGE)))
     assert levels.max() <= 13  # 0.01 / 0.2 * 255
-    hot_image = np.asarray(decode_png(render_heatmap(hot, style="jet", value_range=VALUE_RANGE)))
+    hot_image = np.asarray(
+        decode_png(render_heatmap(hot, style="jet", value_range=VALUE_RANGE)).convert("RGB")
+    )
     assert (hot_image == JET_LUT[255]).all()
 
 
 def test_jet_colours_come_from_the_lookup_table() -> None:
     image = decode_png(render_heatmap(ramp(8, 256), style="jet", value_range=VALUE_RANGE))
-    assert image.mode == "RGB"
-    pixels = np.asarray(image)  # (8, 256, 3)
+    assert image.mode == "P"  # the levels and the jet table: a third of the bytes of RGB
+    np.testing.assert_array_equal(np.asarray(image)[3], np.arange(256))
+    pixels = np.asarray(image.convert("RGB"))  # (8, 256, 3)
     np.testing.assert_array_equal(pixels[3], JET_LUT)
     assert pixels[0, 0, 2] > pixels[0, 0, 0]  # blue at the low end
     assert pixels[0, -1, 0] > pixels[0, -1, 2]  # red at the high end
@@ -101,7 +104,7 @@ def test_size_resizes_the_map(style: str, background: np.ndarray) -> None:
     )
     image = decode_png(data)
     assert image.size == (300, 200)
-    assert image.mode == ("L" if style == "gray" else "RGB")
+    assert image.mode == {"gray": "L", "jet": "P", "overlay": "RGB"}[style]
     if style == "gray":
         row = np.asarray(image)[100].astype(int)
         assert row[0] < 5 and row[-1] > 250

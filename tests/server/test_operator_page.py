@@ -384,9 +384,6 @@ def test_live_metrics_and_screenshot(server_url: str, page: object, tmp_path: Pa
     screenshot = tmp_path / "operator-page.png"
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
-    if os.environ.get("EAD_UPDATE_SCREENSHOT") == "1" or not DOCS_SCREENSHOT.exists():
-        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(screenshot, DOCS_SCREENSHOT)
 
 
 def test_api_key_missing_shows_401_then_key_gives_results(keyed_server_url: str, page: object) -> None:
@@ -432,3 +429,49 @@ def test_page_and_assets_need_no_key_and_stay_out_of_the_api_schema(keyed_server
     openapi = json.loads(httpx.get(url + "/openapi.json").text)
     assert "/" not in openapi["paths"]
     assert httpx.post(url + "/predict", content=GOOD_IMAGE.read_bytes()).status_code == 401
+
+
+SHIPPED_CHECKPOINT = REPO / "samples/models/cookie"
+
+
+@pytest.fixture(scope="module")
+def shipped_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped cookie model (samples/models/cookie) exported, as `make demo` serves it."""
+    if not (SHIPPED_CHECKPOINT / "checkpoint.json").is_file():
+        pytest.skip("samples/models/cookie is not committed")
+    pytest.importorskip("torch")
+    from export.exporter import export_model
+
+    out_dir = tmp_path_factory.mktemp("shipped") / "cookie"
+    export_model(SHIPPED_CHECKPOINT, out_dir, parity_images=[ANOMALY_IMAGE])
+    return out_dir
+
+
+def test_the_shipped_model_draws_defect_regions_and_makes_the_docs_screenshot(
+    shipped_model_dir: Path, page: object, tmp_path: Path
+) -> None:
+    """The docs' screenshot: the shipped cookie model at its own threshold, boxes on the bitten cookies."""
+    images = [ANOMALY_IMAGE, REPO / "samples/cookie/test/good/test-normal-10.jpg", SECOND_ANOMALY_IMAGE]
+    with serving(shipped_model_dir) as url:
+        open_page(page, url)
+        page.set_input_files("#file-input", [str(image) for image in images])
+        for image in images:
+            card = wait_for_done(page, image.name)
+            _, answer = api_predict(url, image)
+            assert card.get_attribute("data-regions") == str(len(answer["regions"]))
+            assert card.locator(".region").count() == len(answer["regions"])
+        bitten = result_card(page, ANOMALY_IMAGE.name)
+        assert bitten.locator(".verdict").inner_text() == "ANOMALY"
+        assert bitten.locator(".region").count() >= 1
+        box = bitten.locator(".region").first.bounding_box()
+        frame = bitten.locator(".image-frame").bounding_box()
+        assert box is not None and frame is not None
+        assert frame["x"] <= box["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"] + 1
+        assert frame["y"] <= box["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"] + 1
+        page.evaluate("document.activeElement && document.activeElement.blur()")
+        screenshot = tmp_path / "operator-page.png"
+        page.screenshot(path=str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("EAD_UPDATE_SCREENSHOT") == "1" or not DOCS_SCREENSHOT.exists():
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, DOCS_SCREENSHOT)

@@ -1,0 +1,124 @@
+"""The server-overhead bench: a null model served by the real `efficientad serve`, loaded by the lean
+client (benchmarks.raw_http); and the pieces it is made of, each checked on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime
+import pytest
+from PIL import Image
+
+from benchmarks.null_model import NULL_THRESHOLD, make_null_model
+from benchmarks.raw_http import ConnectionPool, build_request, parse_server_timing, split_url
+from benchmarks.server_overhead import OverheadSettings, bench_server_overhead, overhead_markdown, targets
+from benchmarks.server_process import ServerProcess
+from efficientad.model_dir import read_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+COOKIE = REPO / "samples" / "cookie" / "test" / "anomaly" / "anomaly-10.jpg"
+
+
+def test_the_null_model_has_the_real_contract(tmp_path: Path) -> None:
+    info = read_model_dir(make_null_model(tmp_path / "null", height=96, width=64))  # the hash checks out
+    assert (info.input_height, info.input_width, info.threshold) == (96, 64, NULL_THRESHOLD)
+    session = onnxruntime.InferenceSession(str(info.onnx_path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 3, 96, 64), dtype=np.uint8)
+    anomaly_map, score = session.run(["anomaly_map", "score"], {"image": images})
+    assert anomaly_map.shape == (3, 1, 96, 64) and anomaly_map.dtype == np.float32
+    np.testing.assert_allclose(anomaly_map[:, 0], images[:, 0] / 2550, rtol=1e-6)
+    np.testing.assert_allclose(score, images[:, 0].reshape(3, -1).max(axis=1) / 2550, rtol=1e-6)
+    assert "benchmark" in info.metadata["purpose"]
+
+
+def test_server_timing_and_request_bytes() -> None:
+    assert parse_server_timing("read;dur=0.02, decode;dur=0.41;desc=x, miss, bad;dur=zz") == {
+        "read": 0.02,
+        "decode": 0.41,
+    }
+    assert parse_server_timing("") == {}
+    request = build_request("POST", "/predict?heatmap=none", host="h:1", body=b"abc", headers={"A": "b"})
+    assert (
+        request == b"POST /predict?heatmap=none HTTP/1.1\r\nHost: h:1\r\nA: b\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    assert split_url("http://127.0.0.1:8000/predict?x=1") == ("127.0.0.1", 8000, "/predict?x=1")
+    with pytest.raises(ValueError):
+        split_url("https://example.com/")
+
+
+@pytest.fixture(scope="module")
+def null_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    work = tmp_path_factory.mktemp("null-server")
+    with ServerProcess(
+        make_null_model(work / "null"), log_path=work / "server.log", env={"EAD_INTRA_OP_THREADS": "1"}
+    ) as server:
+        yield server
+
+
+def test_the_lean_client_reads_what_httpx_reads(null_server: ServerProcess) -> None:
+    body = COOKIE.read_bytes()
+    expected = httpx.post(
+        f"{null_server.url}/predict", content=body, headers={"Content-Type": "image/jpeg"}, trust_env=False
+    )
+    host, port, _ = split_url(null_server.url)
+
+    async def twice() -> list:
+        pool = ConnectionPool(host, port)
+        request = build_request("POST", "/predict", host=f"{host}:{port}", body=body,
+                                headers={"Content-Type": "image/jpeg"})  # fmt: skip
+        replies = [await pool.exchange(request), await pool.exchange(request)]
+        assert pool.opened == 1  # kept alive and reused
+        pool.close()
+        return replies
+
+    for reply in asyncio.run(twice()):
+        assert reply.status == 200
+        answer = json.loads(reply.body)
+        assert {**answer, "timings_ms": None} == {**expected.json(), "timings_ms": None}
+        stages = reply.server_timing()
+        assert set(stages) == {"read", "decode", "queue", "inference", "heatmap", "json", "total"}
+        assert stages["total"] >= stages["decode"] + stages["inference"]
+    header = parse_server_timing(expected.headers["server-timing"])
+    document = expected.json()
+    assert header["decode"] == pytest.approx(document["timings_ms"]["decode"], abs=1e-3)
+    assert header["heatmap"] == pytest.approx(document["timings_ms"]["encode"], abs=1e-3)
+    heatmap = Image.open(io.BytesIO(base64.b64decode(document["heatmap_png"])))
+    assert heatmap.format == "PNG" and heatmap.mode == "P"
+    assert document["score"] == pytest.approx(float(np.asarray(Image.open(COOKIE).convert("RGB").resize(
+        (256, 256), Image.Resampling.BILINEAR))[..., 0].max()) / 2550, abs=2 / 2550)  # fmt: skip
+
+
+def test_a_short_overhead_run_gives_every_row_and_the_targets(tmp_path: Path) -> None:
+    settings = OverheadSettings(concurrencies=(1, 4), duration_s=0.5, warmup_s=0.2)
+    section = bench_server_overhead(settings, work_dir=tmp_path)
+    rows = section["rows"]
+    assert [(row["target"], row["concurrency"]) for row in rows[:2]] == [("live", 1), ("live", 4)]
+    predict = [row for row in rows if row["target"] == "predict"]
+    assert len(predict) == 2 * 2 * 2  # two images x (heatmap none, png) x two concurrencies
+    for row in rows:
+        assert row["errors"] == {} and row["requests"] > 0 and row["p50_ms"] > 0, row
+    for row in predict:
+        assert row["live_ratio"] > 0
+        assert set(row["stages_p50_ms"]) == {
+            "read",
+            "decode",
+            "queue",
+            "inference",
+            "heatmap",
+            "json",
+            "total",
+        }
+    assert {row["heatmap"] for row in predict} == {"none", "png"}
+    checks = targets(section)
+    assert [check["what"].split(",")[0] for check in checks] == ["c1 p50 ms"] * 2 + [
+        "c32 req/s / /health/live req/s"
+    ] * 2
+    assert checks[2]["measured"] is None  # no concurrency-32 run here: nothing claimed
+    text = "\n".join(overhead_markdown(section))
+    assert "| /health/live |" in text and "NOT met" in text
