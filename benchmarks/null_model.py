@@ -4,7 +4,13 @@ For measuring the server itself (HTTP, decode, batching, heatmap, JSON) without 
 Made by the bench in a temporary or cache folder, never shipped as a model: its model.json says so, and
 its scores mean nothing (the red channel scaled to 0..0.1, its maximum as the score).
 
-    image (N, 3, H, W) uint8 -> anomaly_map (N, 1, H, W) float32 = image[:, :1] / 2550
+Its map has the structure of a real one: EfficientAD's map is computed at 1/4 of the input resolution
+(the PDN's feature stride) and upsampled bilinearly, so it is smooth; this one is the red channel averaged
+over 4x4 cells and upsampled the same way. The heatmap PNG and the defect regions then cost what they
+cost on a real answer (a per-pixel texture would compress worse and break into more regions than any
+real map does).
+
+    image (N, 3, H, W) uint8 -> anomaly_map (N, 1, H, W) float32 = upsample(avgpool4(image[:, :1])) / 2550
                              -> score (N,) float32 = max over the map
 """
 
@@ -42,10 +48,19 @@ def _null_graph(height: int, width: int) -> bytes:
         helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
         helper.make_tensor("scale", TensorProto.FLOAT, [], [_MAP_SCALE]),
     ]
+    constants.append(helper.make_tensor("size_factors", TensorProto.FLOAT, [4], [1.0, 1.0, 4.0, 4.0]))
     nodes = [
         helper.make_node("Slice", [INPUT_NAME, "starts", "ends", "axes"], ["red"]),  # (N, 1, H, W) uint8
         helper.make_node("Cast", ["red"], ["red_float"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["red_float", "scale"], [anomaly_map]),  # (N, 1, H, W) float32
+        helper.make_node("AveragePool", ["red_float"], ["cells"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node(  # (N, 1, H/4, W/4) -> (N, 1, H, W), bilinear as the real graph's upsampling
+            "Resize",
+            ["cells", "", "size_factors"],
+            ["smooth"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
+        helper.make_node("Mul", ["smooth", "scale"], [anomaly_map]),  # (N, 1, H, W) float32
         helper.make_node("ReduceMax", [anomaly_map], [score], axes=[1, 2, 3], keepdims=0),  # (N,)
     ]
     graph = helper.make_graph(
@@ -65,7 +80,10 @@ def _null_graph(height: int, width: int) -> bytes:
 
 
 def make_null_model(model_dir: Path, *, height: int = 256, width: int = 256) -> Path:
-    """Write model.onnx + model.json of a null model into `model_dir` (made if missing); returns it."""
+    """Write model.onnx + model.json of a null model into `model_dir` (made if missing); returns it.
+    `height` and `width` must be multiples of 4 (model inputs are multiples of 32)."""
+    if height % 4 or width % 4:
+        raise ValueError(f"the null model's input sides must be multiples of 4, got {width}x{height}")
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = model_dir / ONNX_FILE

@@ -11,13 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from dataclasses import dataclass, field
 
 MAX_HEAD_BYTES = 64 * 1024
+# uvicorn closes a keep-alive connection after 5 s without a request: reuse only younger idle ones.
+MAX_IDLE_S = 4.0
 
 
 class ProtocolError(Exception):
     """An answer that is not valid HTTP/1.1 as this client reads it."""
+
+
+class ClosedBeforeAnswer(ConnectionResetError):
+    """The server closed the connection before a byte of the answer came (e.g. an idle keep-alive
+    connection it timed out): the request was not processed, so it may be sent again."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.closed = False
+        self.last_used = time.monotonic()
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -90,12 +99,14 @@ class Connection:
         return cls(reader, writer)
 
     async def exchange(self, request: bytes) -> Reply:
-        self.writer.write(request)
         try:
+            self.writer.write(request)
             head = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as error:
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as error:
             self.closed = True
-            raise ConnectionResetError("the server closed the connection") from error
+            if not getattr(error, "partial", b""):
+                raise ClosedBeforeAnswer("the server closed the connection before answering") from error
+            raise ConnectionResetError("the server closed the connection mid-answer") from error
         except asyncio.LimitOverrunError as error:
             raise ProtocolError("answer head too long") from error
         status, headers = _parse_head(head[:-4])
@@ -107,6 +118,7 @@ class Connection:
             body = b""
         if headers.get("connection", "").lower() == "close":
             self.close()
+        self.last_used = time.monotonic()
         return Reply(status, headers, body)
 
     async def _read_chunked(self) -> bytes:
@@ -133,22 +145,60 @@ class ConnectionPool:
     host: str
     port: int
     timeout_s: float = 30.0
+    max_connections: int | None = None  # a cap: requests beyond it wait for a connection to come free
     _idle: list[Connection] = field(default_factory=list)
+    _slots: asyncio.Semaphore | None = None
     opened: int = 0
+    retried: int = 0  # requests sent again after a stale keep-alive connection
 
     async def exchange(self, request: bytes) -> Reply:
-        connection = self._idle.pop() if self._idle else None
+        """Send on an idle connection young enough to be alive (else a new one, up to max_connections); a
+        reused connection the server had closed before answering is replaced once, as HTTP clients do."""
+        if self.max_connections is None:
+            return await self._exchange(request)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_connections)
+        async with self._slots:
+            return await self._exchange(request)
+
+    async def _exchange(self, request: bytes) -> Reply:
+        connection = self._take_idle()
+        reused = connection is not None
         if connection is None:
-            connection = await asyncio.wait_for(Connection.open(self.host, self.port), self.timeout_s)
-            self.opened += 1
+            connection = await self._open()
         try:
             reply = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
+        except ClosedBeforeAnswer:
+            connection.close()
+            if not reused:
+                raise
+            self.retried += 1
+            connection = await self._open()
+            try:
+                reply = await asyncio.wait_for(connection.exchange(request), self.timeout_s)
+            except BaseException:
+                connection.close()
+                raise
         except BaseException:
             connection.close()
             raise
         if not connection.closed:
             self._idle.append(connection)
         return reply
+
+    def _take_idle(self) -> Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.last_used < MAX_IDLE_S:
+                return connection
+            connection.close()
+        return None
+
+    async def _open(self) -> Connection:
+        connection = await asyncio.wait_for(Connection.open(self.host, self.port), self.timeout_s)
+        self.opened += 1
+        return connection
 
     async def prepare(self, count: int) -> None:
         """Open `count` connections up front (so a measured window does not pay for handshakes)."""

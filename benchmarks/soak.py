@@ -71,7 +71,7 @@ class SoakSettings:
     null_model: bool = False  # serve benchmarks.null_model: the server's own capacity, not the model's
     backend: str = "onnxruntime-cpu"
     max_batch_size: int = 16
-    max_batch_delay_ms: float = 2.0
+    max_batch_delay_ms: float = 0.0  # the server's default: batches form while the previous one runs
     query: str = ""  # /predict query string; default: the full pipeline with a heatmap PNG
     request_timeout_s: float = 30.0  # client-side; the server's own deadline (10 s) answers 504 first
     rss_growth_percent: float = 10.0
@@ -194,9 +194,12 @@ def predict_requests(url: str, images: list[bytes]) -> list[bytes]:
     ]
 
 
-def _pool(url: str, timeout_s: float) -> ConnectionPool:
+OPEN_LOOP_CONNECTIONS = 64  # like a load generator's fixed connections (wrk2, hey -c): never a flood
+
+
+def _pool(url: str, timeout_s: float, max_connections: int | None = None) -> ConnectionPool:
     host, port, _ = split_url(url)
-    return ConnectionPool(host, port, timeout_s=timeout_s)
+    return ConnectionPool(host, port, timeout_s=timeout_s, max_connections=max_connections)
 
 
 async def measure_capacity(
@@ -251,7 +254,10 @@ async def open_loop(
     max_lag_s = 0.0
     stop = asyncio.Event()
     requests = predict_requests(url, images)
-    pool = _pool(url, timeout_s)  # a connection per request in flight, kept alive and reused
+    # up to 64 keep-alive connections: a request scheduled while all are busy waits for one (its latency
+    # still counts from its scheduled time); opening ever more connections under a backlog would add
+    # connection set-up to a server already behind and tip it over
+    pool = _pool(url, timeout_s, OPEN_LOOP_CONNECTIONS)
     origin = time.perf_counter()
     sampler = asyncio.create_task(sample_memory(pid, origin, stop, samples))
 
@@ -421,6 +427,8 @@ def run_soak(
         backend=settings.backend,
         max_batch_size=settings.max_batch_size,
         max_batch_delay_ms=settings.max_batch_delay_ms,
+        # the null model's graph is tiny: ONNX Runtime's spinning thread pool would only take CPU
+        env={"EAD_INTRA_OP_THREADS": "1"} if settings.null_model else None,
     )
     failures: list[str] = []
     with server:

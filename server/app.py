@@ -87,6 +87,7 @@ class ServingState:
     status_detail: str = "starting"
     decode_executor: ThreadPoolExecutor | None = None
     paths: dict[str, Path] = field(default_factory=dict)  # model dir per name (re-read by a reload)
+    images_in_flight: int = 0  # images being scored (small work runs on the event loop when only one)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)  # replaced models being closed
 

@@ -42,8 +42,12 @@ def heatmap_value_range(threshold: float | None) -> tuple[float, float]:
 def _to_levels(anomaly_map: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
     """(H, W) float -> (H, W) uint8 in 0..255 on the fixed scale (values outside are clipped)."""
     low, high = value_range
-    scaled = (np.nan_to_num(anomaly_map, nan=low) - low) * (255.0 / (high - low))
-    return np.clip(scaled + 0.5, 0.0, 255.0).astype(np.uint8)
+    gain = 255.0 / (high - low)
+    scaled = anomaly_map * np.float32(gain)  # (H, W) float32, a new array: the rest works in place
+    scaled += np.float32(0.5 - low * gain)  # rounds to nearest when truncated below
+    np.fmax(scaled, 0.0, out=scaled)  # fmax: NaN becomes 0 (the low end), as nan_to_num(nan=low) did
+    np.fmin(scaled, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _jet_image(levels: np.ndarray) -> Image.Image:

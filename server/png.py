@@ -1,8 +1,9 @@
 """A small, fast PNG writer for heatmaps: 8-bit gray, palette or RGB, one IDAT chunk.
 
 Heatmaps are smooth, so each row is stored as its difference from the row above (PNG filter type 2,
-"Up": mostly zeros and small values) and deflated with zlib level 1 and the run-length strategy. That is
-several times faster than a general encoder with adaptive filters at a similar size. The output is a
+"Up": mostly zeros and small values), then deflated by Intel's ISA-L (python-isal, level 1: about 4x
+faster than zlib here, and smaller) or, where that is not installed, zlib level 1 with the run-length
+strategy. Either is several times faster than a general encoder with adaptive filters. The output is a
 standard PNG (ISO/IEC 15948) that every decoder reads.
 """
 
@@ -13,11 +14,17 @@ import zlib
 
 import numpy as np
 
+try:
+    from isal import isal_zlib
+except ModuleNotFoundError:  # optional: zlib gives the same kind of stream, more slowly
+    isal_zlib = None
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_GRAY, _COLOUR_RGB, _COLOUR_PALETTE = 0, 2, 3
 _FILTER_UP = 2
 ZLIB_LEVEL = 1
 ZLIB_STRATEGY = zlib.Z_RLE
+ISAL_LEVEL = 1
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -35,6 +42,9 @@ def _up_filtered(rows: np.ndarray) -> bytes:
 
 
 def _deflate(data: bytes) -> bytes:
+    """A zlib stream (what IDAT holds), from ISA-L where it is installed, else zlib."""
+    if isal_zlib is not None:
+        return isal_zlib.compress(data, ISAL_LEVEL)  # type: ignore[no-any-return]
     compressor = zlib.compressobj(ZLIB_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, ZLIB_STRATEGY)
     return compressor.compress(data) + compressor.flush()
 

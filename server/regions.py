@@ -31,19 +31,24 @@ def _pool(values: np.ndarray, combine: np.ufunc) -> np.ndarray:
     return combine(combine(columns[0::4], columns[1::4]), combine(columns[2::4], columns[3::4]))
 
 
-def _cells(anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) map -> per 4x4 cell: (its maximum, how many of its pixels are above the threshold)."""
+def _cells(anomaly_map: np.ndarray, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) map and its (H, W) `map > threshold` -> per 4x4 cell: (its maximum, NaN ignored; how many of
+    its pixels are above the threshold, uint8)."""
     height, width = anomaly_map.shape
-    rows, columns = -(-height // CELL), -(-width // CELL)
-    padded = np.full((rows * CELL, columns * CELL), -np.inf, dtype=np.float32)
-    padded[:height, :width] = anomaly_map
-    padded[np.isnan(padded)] = -np.inf
-    above = (padded > threshold).astype(np.int32)
-    return _pool(padded, np.maximum), _pool(above, np.add)  # (rows, columns) each
+    if height % CELL or width % CELL:  # pad to whole cells (model maps are multiples of 32: never)
+        rows, columns = -(-height // CELL) * CELL, -(-width // CELL) * CELL
+        padded = np.full((rows, columns), -np.inf, dtype=np.float32)
+        padded[:height, :width] = anomaly_map
+        padded_above = np.zeros((rows, columns), dtype=bool)
+        padded_above[:height, :width] = above
+        anomaly_map, above = padded, padded_above
+    return _pool(anomaly_map, np.fmax), _pool(above.view(np.uint8), np.add)  # (rows, columns) each
 
 
 def _component_peaks(labels: np.ndarray, cell_max: np.ndarray, count: int) -> np.ndarray:
     """The maximum of `cell_max` over each component 1..count of `labels` -> (count,)."""
+    if count == 1:
+        return np.array([cell_max[labels == 1].max()], dtype=np.float64)
     flat_labels = labels.ravel()
     inside = flat_labels > 0
     order = np.argsort(flat_labels[inside], kind="stable")
@@ -65,9 +70,10 @@ def find_regions(
         return []
     if anomaly_map.ndim != 2:
         raise ValueError(f"expected an (H, W) anomaly map, got shape {anomaly_map.shape}")
-    if not (anomaly_map > threshold).any():  # the common case on a line: a good part, no work
+    above = anomaly_map > threshold  # (H, W) bool; NaN is never above
+    if not above.any():  # the common case on a line: a good part, no more work
         return []
-    cell_max, cell_above = _cells(anomaly_map, threshold)  # (rows, columns)
+    cell_max, cell_above = _cells(anomaly_map, above)  # (rows, columns)
     labels, count = ndimage.label(cell_above > 0, structure=_EIGHT_CONNECTED)  # components 1..count
     areas = np.bincount(labels.ravel(), weights=cell_above.ravel(), minlength=count + 1)[1:]  # (count,)
     peaks = _component_peaks(labels, cell_max, count)  # (count,)

@@ -206,3 +206,29 @@ def test_reload_needs_the_api_key(model_copy: Path) -> None:
         assert httpx.post(f"{url}/v1/models/line/reload", timeout=60).status_code == 401
         keyed = httpx.post(f"{url}/v1/models/line/reload", headers={"X-API-Key": "line-secret"}, timeout=120)
         assert keyed.status_code == 200
+
+
+def test_sighup_reloads_every_model_of_the_real_command(tmp_path: Path) -> None:
+    """`efficientad serve` as deployed (its own process, uvicorn's signal handling): SIGHUP reloads."""
+    import os
+    import signal
+    import time
+
+    from benchmarks.null_model import make_null_model
+    from benchmarks.server_process import ServerProcess
+
+    model_dir = make_null_model(tmp_path / "null")
+    with ServerProcess(
+        model_dir, log_path=tmp_path / "server.log", env={"EAD_INTRA_OP_THREADS": "1"}
+    ) as server:
+        before = httpx.get(f"{server.url}/v1/model").json()
+        write_threshold(model_dir, 0.0625)
+        os.kill(server._process.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/v1/model").json()["threshold"] != 0.0625:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the model"
+            time.sleep(0.2)
+        after = httpx.get(f"{server.url}/v1/model").json()
+        assert after["version"] == before["version"]
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    assert server._process.returncode == 0  # and it still shuts down cleanly
