@@ -227,7 +227,7 @@ def test_the_api_key_is_compared_with_compare_digest(
     function = next(
         node
         for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.FunctionDef) and node.name == "require_api_key"
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "require_api_key"
     )
     key_names = {"given", "expected", "token", "key"}
     key_equality = [

@@ -268,7 +268,9 @@ def test_heatmap_style_rerenders_through_the_server(server_url: str, page: objec
     sync_api.expect(card.locator(".heatmap-style-name")).to_have_text("overlay")
     expected = api_predict(server_url, ANOMALY_IMAGE, heatmap_style="overlay")[1]["heatmap_png"]
     assert heatmap.get_attribute("src") == f"data:image/png;base64,{expected}"
-    assert [url.split("heatmap_style=")[1] for url in predict_requests] == ["jet", "gray", "overlay"]
+    styles = [url.split("heatmap_style=")[1].split("&")[0] for url in predict_requests]
+    assert styles == ["jet", "gray", "overlay"]
+    assert all(f"threshold={THRESHOLD}" in url for url in predict_requests)  # regions at the page's threshold
 
 
 def test_keyboard_reaches_every_control_and_opens_the_file_picker(server_url: str, page: object) -> None:
