@@ -28,6 +28,7 @@ from efficientad.model_dir import (
     MODEL_JSON_FILE,
     ONNX_FILE,
     OUTPUT_NAMES,
+    io_description,
 )
 
 NULL_MODEL_SIZE = "null"
@@ -88,24 +89,12 @@ def make_null_model(model_dir: Path, *, height: int = 256, width: int = 256) -> 
     model_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = model_dir / ONNX_FILE
     onnx_path.write_bytes(_null_graph(height, width))
-    anomaly_map, score = OUTPUT_NAMES
     document = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model_size": NULL_MODEL_SIZE,
-        "input": {
-            "name": INPUT_NAME,
-            "dtype": "uint8",
-            "layout": "NCHW",
-            "color": "RGB",
-            "height": height,
-            "width": width,
-        },
-        "outputs": {
-            anomaly_map: {"dtype": "float32", "shape": ["batch", 1, height, width]},
-            score: {"dtype": "float32", "shape": ["batch"]},
-        },
+        **io_description(height, width),
         "threshold": NULL_THRESHOLD,
         "onnx": {"file": ONNX_FILE, "sha256": file_sha256(onnx_path), "opset": NULL_OPSET},
         "checkpoint": {"sha256": "none", "source": None, "teacher_random": True},

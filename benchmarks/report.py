@@ -140,20 +140,23 @@ def validate_report(report: Any) -> list[str]:
     ):
         for index, row in enumerate(rows):
             problems += _check(row, keys, f"{name}[{index}]")
-    if "training_speed" in report:  # optional: older reports have no such section
-        training = report["training_speed"]
-        section = _check(training, TRAINING_SPEED_KEYS, "training_speed")
-        problems += section
-        if not section:
-            for index, row in enumerate(training["rows"]):
-                problems += _check(row, TRAINING_ROW_KEYS, f"training_speed.rows[{index}]")
-    if "server_overhead" in report:  # optional: absent when not run
-        overhead = report["server_overhead"]
-        section = _check(overhead, OVERHEAD_KEYS, "server_overhead")
-        problems += section
-        if not section:
-            for index, row in enumerate(overhead["rows"]):
-                problems += _check(row, OVERHEAD_ROW_KEYS, f"server_overhead.rows[{index}]")
+    # optional sections: older reports have no training_speed; server_overhead is absent when not run
+    problems += _check_optional_section(report, "training_speed", TRAINING_SPEED_KEYS, TRAINING_ROW_KEYS)
+    problems += _check_optional_section(report, "server_overhead", OVERHEAD_KEYS, OVERHEAD_ROW_KEYS)
+    return problems
+
+
+def _check_optional_section(
+    report: dict[str, Any], name: str, keys: dict[str, Any], row_keys: dict[str, Any]
+) -> list[str]:
+    """The problems of report[name] (none when absent): its own keys, then each of its rows'."""
+    if name not in report:
+        return []
+    section = report[name]
+    problems = _check(section, keys, name)
+    if not problems:
+        for index, row in enumerate(section["rows"]):
+            problems += _check(row, row_keys, f"{name}.rows[{index}]")
     return problems
 
 

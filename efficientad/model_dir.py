@@ -44,6 +44,7 @@ __all__ = [
     "ModelInfo",
     "engine_filename",
     "find_engine",
+    "io_description",
     "parse_engine_filename",
     "read_model_dir",
     "write_threshold",
@@ -80,6 +81,24 @@ class ModelInfo:
     onnx_path: Path
     engines_dir: Path
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def io_description(height: int, width: int) -> dict[str, Any]:
+    """model.json's "input" and "outputs" for a graph at height x width: the contract the server checks."""
+    return {
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "color": "RGB",
+            "height": height,
+            "width": width,
+        },
+        "outputs": {
+            OUTPUT_NAMES[0]: {"dtype": "float32", "shape": ["batch", 1, height, width]},
+            OUTPUT_NAMES[1]: {"dtype": "float32", "shape": ["batch"]},
+        },
+    }
 
 
 def read_model_dir(path: Path, *, name: str | None = None, verify_hash: bool = True) -> ModelInfo:

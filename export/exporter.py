@@ -21,13 +21,12 @@ import numpy as np
 from efficientad.errors import UserError
 from efficientad.files import file_sha256
 from efficientad.model_dir import (
-    INPUT_NAME,
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
     MODEL_JSON_FILE,
     ONNX_FILE,
-    OUTPUT_NAMES,
     ModelInfo,
+    io_description,
     read_model_dir,
 )
 
@@ -91,18 +90,7 @@ def _model_document(
         "format_version": MODEL_FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model_size": checkpoint.config.size,
-        "input": {
-            "name": INPUT_NAME,
-            "dtype": "uint8",
-            "layout": "NCHW",
-            "color": "RGB",
-            "height": size,
-            "width": size,
-        },
-        "outputs": {
-            OUTPUT_NAMES[0]: {"dtype": "float32", "shape": ["batch", 1, size, size]},
-            OUTPUT_NAMES[1]: {"dtype": "float32", "shape": ["batch"]},
-        },
+        **io_description(size, size),
         "threshold": checkpoint.threshold,
         "normalisation": {  # for reference: all of it happens inside the graph
             "imagenet_mean": list(IMAGENET_MEAN),
