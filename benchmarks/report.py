@@ -176,7 +176,9 @@ def derive(
 
     `server_overhead_ms` = HTTP p50 at concurrency 1 minus the server's backend p50 at batch 1 (copies
     included): `reference_b1_ms` when given (that backend re-timed just before the HTTP runs, so a machine
-    whose speed drifts compares like with like), else its row in `backends`.
+    whose speed drifts compares like with like), else its row in `backends`. A negative difference (a
+    slow model on a drifting CPU: the two timings differ by more than the server's cost) is reported as
+    None with `server_overhead_note` saying why.
     `server_overhead_same_requests_ms` = HTTP p50 at concurrency 1 minus the inference time the server
     itself reported in those same answers (immune to drift).
     """
@@ -192,9 +194,16 @@ def derive(
             and row["includes_transfer"] is not False
         ]
         baseline, baseline_source = (same[0]["p50_ms"], "backends table") if same else (None, None)
-    overhead = None
+    overhead, overhead_note = None, None
     if c1 is not None and c1.get("p50_ms") is not None and baseline is not None:
         overhead = c1["p50_ms"] - baseline
+        if overhead < 0:  # two separate measurements: the backend's own drift exceeded the server's cost
+            overhead_note = (
+                f"not meaningful here: HTTP p50 at c1 ({c1['p50_ms']:.2f} ms) came out below the backend "
+                f"timed separately ({baseline:.2f} ms), i.e. the machine's speed moved by more than the "
+                "server's own cost between the two; use the same-requests figure"
+            )
+            overhead = None
     best: dict[str, float] = {}
     for row in backends:
         label = backend_label(row)
@@ -205,6 +214,7 @@ def derive(
     return {
         "http_c32_over_c1": _ratio(c32 and c32["throughput_rps"], c1 and c1["throughput_rps"]),
         "server_overhead_ms": overhead,
+        "server_overhead_note": overhead_note,
         "server_overhead_same_requests_ms": measured,
         "backend_b1_p50_ms": baseline,
         "backend_b1_source": baseline_source,
@@ -404,7 +414,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"- HTTP throughput at concurrency 32 / concurrency 1: {_fmt(derived['http_c32_over_c1'])}x",
         f"- server overhead per request (HTTP p50 at c1 - {derived.get('server_backend') or '?'} p50 at "
-        f"batch 1, {derived.get('backend_b1_source') or '-'}): {_fmt(derived['server_overhead_ms'])} ms",
+        f"batch 1, {derived.get('backend_b1_source') or '-'}): "
+        f"{derived.get('server_overhead_note') or _fmt(derived['server_overhead_ms']) + ' ms'}",
         "- server overhead within the same requests (HTTP p50 at c1 - the server's own inference p50 at c1): "
         f"{_fmt(derived.get('server_overhead_same_requests_ms'))} ms",
     ]

@@ -147,6 +147,17 @@ def test_server_overhead_uses_the_row_with_copies() -> None:
     assert derived["server_overhead_ms"] == pytest.approx(2.5)
 
 
+def test_a_negative_server_overhead_is_reported_as_not_meaningful() -> None:
+    report = _report()
+    derived = derive(report["backends"], report["http"], "onnxruntime-cpu", reference_b1_ms=20.0)
+    assert derived["server_overhead_ms"] is None  # HTTP p50 14 ms < backend 20 ms: drift, not a cost
+    assert "not meaningful" in derived["server_overhead_note"]
+    assert derived["server_overhead_same_requests_ms"] == pytest.approx(3.0)  # still measured
+    report["derived"] = derived
+    assert "came out below the backend timed separately (20.00 ms)" in markdown_report(report)
+    assert derive(report["backends"], report["http"], "onnxruntime-cpu")["server_overhead_note"] is None
+
+
 def test_write_report_makes_json_markdown_and_png(tmp_path: Path) -> None:
     paths = write_report(_report(), tmp_path)
     assert paths["json"].name == "test-cpu-2-cores-2025-01-02.json"
