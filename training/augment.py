@@ -1,4 +1,5 @@
-"""Augmentations in plain torch (no torchvision): colour jitter for the autoencoder, crops for penalty images.
+"""Augmentations in plain torch (no torchvision): colour jitter for the autoencoder, crops for penalty images,
+and the optional geometric augmentation of the training images (`efficientad train --augment geometric`).
 
 Every random draw comes from the `torch.Generator` passed in (on the CPU), so a run is reproducible from
 its seed and resumable from the generator's saved state; the image arithmetic runs on the images' device.
@@ -7,7 +8,9 @@ its seed and resumable from the generator's saved state; the image arithmetic ru
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+GEOMETRIC_MAX_ZOOM = 1.25  # --augment geometric: a window of 1/1.25 .. 1 of the image side, resized to S
 JITTER_STRENGTH = 0.2  # factors uniform in [0.8, 1.2], as ColorJitter(brightness=0.2) etc.
 PENALTY_GRAYSCALE_PROBABILITY = 0.3
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
@@ -60,3 +63,31 @@ def random_penalty_crops(
         crop = pool[pick : pick + 1, :, top : top + size, left : left + size].float() / 255.0  # (1, 3, S, S)
         crops.append(grayscale(crop).expand(-1, 3, -1, -1) if gray else crop)
     return torch.cat(crops)  # (count, 3, size, size)
+
+
+def random_geometric(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random flips (left-right, up-down) and zoom of training images -> (B, 3, size, size) float in [0, 1].
+
+    `pool`: (B, 3, 2 * size, 2 * size) uint8, the picked training images at twice the input size, so a
+    zoomed window (side 2S / z, z uniform in [1, GEOMETRIC_MAX_ZOOM], anywhere in the image) is always
+    downsampled (antialiased), never blown up. For objects with no up, down, left or right and photos
+    taken from varying distance (handheld cameras); a fixed line camera keeps the paper's `none`.
+    """
+    count, side = pool.shape[0], pool.shape[-1]
+    zooms = (1.0 + torch.rand(count, generator=generator) * (GEOMETRIC_MAX_ZOOM - 1.0)).tolist()
+    offsets = torch.rand(count, 2, generator=generator).tolist()
+    flips = (torch.rand(count, 2, generator=generator) < 0.5).tolist()
+    out = []
+    for image, zoom, (top_at, left_at), (flip_lr, flip_ud) in zip(
+        pool.split(1), zooms, offsets, flips, strict=True
+    ):
+        window = max(size, round(side / zoom))
+        top, left = round(top_at * (side - window)), round(left_at * (side - window))
+        crop = image[:, :, top : top + window, left : left + window].float() / 255.0  # (1, 3, w, w)
+        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if flip_lr:
+            crop = crop.flip(-1)
+        if flip_ud:
+            crop = crop.flip(-2)
+        out.append(crop.clamp(0.0, 1.0))
+    return torch.cat(out)  # (B, 3, size, size)

@@ -14,6 +14,7 @@ from efficientad.errors import UserError
 
 # Flags of `train` that map one-to-one onto TrainSettings fields (None = not given on the command line).
 TRAIN_FLAGS = (
+    "augment",
     "size",
     "steps",
     "image_size",
@@ -147,6 +148,13 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "are computed on the rounded weights); default float32",
     )
     train.add_argument("--save-every", type=int, default=None, help="steps between resumable states (1000)")
+    train.add_argument(
+        "--augment",
+        choices=["none", "geometric"],
+        default=None,
+        help="none (default, the paper): training images as they are; geometric: random flips and zoom "
+        "(1-1.25x) of each training image, for objects with no up or down photographed from varying distance",
+    )
     train.add_argument(
         "--stop-after",
         type=int,

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from efficientad.errors import UserError
 from efficientad.files import atomic_write
-from training.augment import random_color_jitter, random_penalty_crops
+from training.augment import random_color_jitter, random_geometric, random_penalty_crops
 from training.checkpoint import (
     METADATA_FILE,
     TENSORS_FILE,
@@ -74,6 +74,7 @@ RANDOM_TEACHER_NOTE = "random teacher weights: for tests and timing only, not fo
 LR_DECAY_AT = 0.95  # fraction of the steps after which the learning rate is 0.1x
 LOG_EVERY = 25  # steps between progress-bar loss updates (each one synchronises the GPU)
 CHECKPOINT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+AUGMENTATIONS = ("none", "geometric")
 MAX_PENALTY_IMAGES = 1000  # penalty images kept in memory at 2x the input size (a seeded subset if more)
 
 
@@ -93,6 +94,7 @@ class TrainSettings:
     precision: str = "auto"  # auto, fp32 or bf16 (autocast of the forward passes; see training.device)
     checkpoint_dtype: str = "float32"  # float16 halves the file (~16 MB for S); stats use the rounded weights
     save_every: int = 1000  # steps between resumable states; 0: only on Ctrl-C and stop_after_step
+    augment: str = "none"  # none (the paper) or geometric (flips + zoom of the training images)
 
     def check(self) -> None:
         if self.size not in ("small", "medium"):
@@ -113,6 +115,8 @@ class TrainSettings:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.learning_rate <= 0:
             raise UserError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.augment not in AUGMENTATIONS:
+            raise UserError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
 
 
 # ----------------------------------------------------------------------------- run folder and saved state
@@ -324,6 +328,7 @@ class _LoopInputs:
     teacher_mean: torch.Tensor  # (1, 384, 1, 1)
     teacher_std: torch.Tensor  # (1, 384, 1, 1)
     train_images: torch.Tensor  # (N, 3, S, S) uint8
+    train_pool: torch.Tensor | None  # (N, 3, 2S, 2S) uint8 for --augment geometric, else None
     penalty_pool: torch.Tensor | None  # (M, 3, 2S, 2S) uint8
     imagenet_mean: torch.Tensor  # (1, 3, 1, 1)
     imagenet_std: torch.Tensor  # (1, 3, 1, 1)
@@ -461,6 +466,11 @@ def train(
             "started (data fingerprint differs): restore them or start a new run"
         )
     train_images = load_images(train_paths, settings.image_size, desc="loading training")  # (N, 3, S, S)
+    train_pool = (  # (N, 3, 2S, 2S): zoomed windows are downsampled from it
+        load_images(train_paths, 2 * settings.image_size, desc="loading training at 2x")
+        if settings.augment == "geometric"
+        else None
+    )
     validation_images = load_images(validation_paths, settings.image_size, desc="loading validation")
     test_set = load_test_set(category, settings.image_size) if category.has_test else None
     penalty_pool, penalty_record = None, None
@@ -545,6 +555,7 @@ def train(
             teacher_mean=teacher_mean,
             teacher_std=teacher_std,
             train_images=train_images,
+            train_pool=train_pool,
             penalty_pool=penalty_pool,
         )
         with sigterm_as_interrupt():  # `kill` or a scheduler's stop saves a resumable state, as Ctrl-C
@@ -637,8 +648,12 @@ def _run_loop(
             draws = torch.randint(
                 0, inputs.train_images.shape[0], (settings.batch_size,), generator=loop.generator
             )
-            picked = [inputs.train_images[index] for index in draws.tolist()]  # CPU indices: no GPU sync
-            batch = torch.stack(picked).float() / 255.0  # (B, 3, S, S)
+            if inputs.train_pool is None:
+                picked = [inputs.train_images[index] for index in draws.tolist()]  # CPU indices: no sync
+                batch = torch.stack(picked).float() / 255.0  # (B, 3, S, S)
+            else:
+                picked = torch.stack([inputs.train_pool[index] for index in draws.tolist()])  # (B, 3, 2S, 2S)
+                batch = random_geometric(picked, settings.image_size, loop.generator)  # (B, 3, S, S)
             losses = _train_step(batch, inputs, loop.student, loop.autoencoder, loop.generator, precision)
             total = losses["hard"] + losses["penalty"] + losses["ae"] + losses["stae"]
             loop.optimizer.zero_grad(set_to_none=True)
