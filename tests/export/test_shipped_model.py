@@ -71,7 +71,8 @@ def shipped_scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]
 @needs_shipped_model
 def test_the_shipped_model_tells_bitten_cookies_from_good_ones(shipped_scores: dict[str, float]) -> None:
     """At its own threshold: every bitten cookie is an anomaly, and every good one is ok except
-    test-normal-1.jpg, whose photo shows the tray's dark edge (no training photo does; README, Accuracy)."""
+    test-normal-1.jpg, whose photo shows the tray's wide dark edge along the bottom (of the training photos
+    only normal-31.jpg shows it there, lighter; README, Accuracy)."""
     threshold = read_metadata(SHIPPED_MODEL)["threshold"]
     labels = np.array([name.startswith("anomaly/") for name in shipped_scores])
     assert labels.sum() == 6 and (~labels).sum() == 4
@@ -89,8 +90,9 @@ COOKIE_TEST = ROOT.parent / "shared" / "data" / "cookie" / "test"
 @needs_shipped_model
 @pytest.mark.skipif(not COOKIE_TEST.is_dir(), reason="../shared/data/cookie is not present")
 def test_the_shipped_model_on_the_full_cookie_test_set(tmp_path: Path) -> None:
-    """The README's figure: image AUROC 0.929 on the 54 test photos (13 of 14 good ones below every
-    defective one), through the exported graph as the server runs it."""
+    """The README's figure: image AUROC 0.930 on the 54 test photos (12 of 14 good ones below every
+    defective one; test-normal-1.jpg above 37 of the 40, test-normal-14.jpg above 2), through the exported
+    graph as the server runs it."""
     import onnxruntime
 
     from efficientad.model_dir import INPUT_NAME
@@ -109,6 +111,8 @@ def test_the_shipped_model_on_the_full_cookie_test_set(tmp_path: Path) -> None:
         scores.append(float(session.run(None, {INPUT_NAME: image[None]})[1][0]))
     labels_array, scores_array = np.array(labels), np.array(scores)
     assert labels_array.sum() == 40 and (~labels_array).sum() == 14
-    assert image_auroc(labels_array, scores_array) >= 0.92
+    # 0.930 measured = 39 of the 560 good/defect pairs out of order; 0.925 leaves one pair of slack for
+    # another JPEG decoder or ONNX Runtime build moving two scores 1% apart
+    assert image_auroc(labels_array, scores_array) >= 0.925
     good_below_all_defects = (scores_array[~labels_array] < scores_array[labels_array].min()).sum()
-    assert good_below_all_defects >= 13
+    assert good_below_all_defects >= 12

@@ -44,7 +44,7 @@ def test_geometric_is_seeded_shaped_and_in_range(pool: torch.Tensor) -> None:
     other = random_geometric(pool, SIZE, torch.Generator().manual_seed(4))
     assert first.shape == (4, 3, SIZE, SIZE) and first.dtype == torch.float32
     assert torch.equal(first, again) and not torch.equal(first, other)
-    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
 
 
 def test_geometric_yields_flips_and_zooms_of_the_same_photo(pool: torch.Tensor) -> None:
