@@ -328,10 +328,10 @@ class _LoopInputs:
     teacher_mean: torch.Tensor  # (1, 384, 1, 1)
     teacher_std: torch.Tensor  # (1, 384, 1, 1)
     train_images: torch.Tensor  # (N, 3, S, S) uint8
-    train_pool: torch.Tensor | None  # (N, 3, 2S, 2S) uint8 for --augment geometric, else None
     penalty_pool: torch.Tensor | None  # (M, 3, 2S, 2S) uint8
     imagenet_mean: torch.Tensor  # (1, 3, 1, 1)
     imagenet_std: torch.Tensor  # (1, 3, 1, 1)
+    train_pool: torch.Tensor | None = None  # (N, 3, 2S, 2S) uint8 for --augment geometric
 
     @classmethod
     def on(cls, device: torch.device, **tensors: Any) -> _LoopInputs:
