@@ -98,7 +98,10 @@ def _jpeg_label(data: bytes) -> str:
 async def closed_loop(
     pool: ConnectionPool, request: bytes, *, concurrency: int, warmup_s: float, duration_s: float
 ) -> tuple[list[float], dict[str, list[float]], dict[str, int], float]:
-    """`concurrency` connections back to back; answers that end inside the window are counted.
+    """`concurrency` connections back to back; answers that start after the warm-up and end inside the
+    window are counted. The window lasts `duration_s`, longer while fewer than `concurrency` answers are
+    counted, until 4x `duration_s` at most (the next answer then closes it), so a request slower than the
+    window still gets measured.
 
     -> (latencies ms of 200 answers, Server-Timing values by stage, errors by kind, window seconds).
     """
@@ -107,28 +110,35 @@ async def closed_loop(
     stages: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     origin = time.perf_counter()
-    window_start, window_end = origin + warmup_s, origin + warmup_s + duration_s
+    window_start = origin + warmup_s
+    window_end, hard_end = window_start + duration_s, window_start + 4.0 * duration_s
+    closed_at: float | None = None
 
     async def worker() -> None:
-        while (started := time.perf_counter()) < window_end:
+        nonlocal closed_at
+        while closed_at is None:
+            started = time.perf_counter()
             try:
                 reply = await pool.exchange(request)
                 error = None if reply.status == 200 else str(reply.status)
             except (TimeoutError, OSError, ValueError) as failure:
                 reply, error = None, type(failure).__name__
             ended = time.perf_counter()
-            if started < window_start or ended > window_end:
+            if started < window_start or (closed_at is not None and ended > closed_at):
                 continue
             if error is not None or reply is None:
                 errors[error or "unknown"] += 1
-                continue
-            latencies.append((ended - started) * 1000.0)
-            for stage, value in reply.server_timing().items():
-                stages[stage].append(value)
+            else:
+                latencies.append((ended - started) * 1000.0)
+                for stage, value in reply.server_timing().items():
+                    stages[stage].append(value)
+            answers = len(latencies) + sum(errors.values())
+            if closed_at is None and (ended >= hard_end or (ended >= window_end and answers >= concurrency)):
+                closed_at = ended
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     pool.close()
-    return latencies, dict(stages), dict(errors), duration_s
+    return latencies, dict(stages), dict(errors), (closed_at or window_end) - window_start
 
 
 def _row(

@@ -161,3 +161,23 @@ def test_a_stale_keep_alive_connection_is_replaced_once() -> None:
 
     statuses, opened, retried = asyncio.run(scenario())
     assert statuses == [200, 200] and opened == 2 and retried == 1
+
+
+def test_a_window_shorter_than_one_answer_still_counts_an_answer(null_server: ServerProcess) -> None:
+    """A closed-loop window of 1 ms, far below one answer's latency, stays open (until 4 ms at most, then the
+    next answer) until answers are counted, and reports the window it really measured."""
+    from benchmarks.server_overhead import closed_loop
+
+    host, port, _ = split_url(null_server.url)
+    request = build_request("POST", "/predict?heatmap=none", host=f"{host}:{port}", body=COOKIE.read_bytes(),
+                            headers={"Content-Type": "image/jpeg"})  # fmt: skip
+
+    async def run() -> tuple:
+        return await closed_loop(
+            ConnectionPool(host, port), request, concurrency=2, warmup_s=0.0, duration_s=0.001
+        )
+
+    latencies, stages, errors, window_s = asyncio.run(run())
+    assert errors == {}
+    assert 0.001 < window_s <= 0.004 + max(latencies) / 1000.0  # measured past the 1 ms asked for
+    assert len(latencies) >= 1 and set(stages) >= {"decode", "inference"}
