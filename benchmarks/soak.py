@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from orjson import loads as json_loads
+
 from benchmarks.environment import describe_device, describe_host, library_versions, load_average
 from benchmarks.http_load import arrival_offsets
 from benchmarks.model_setup import default_cache_dir, prepare_model
@@ -44,11 +46,6 @@ from benchmarks.null_model import make_null_model
 from benchmarks.raw_http import ConnectionPool, ProtocolError, build_request, split_url
 from benchmarks.server_process import ServerProcess
 from benchmarks.timing import percentile
-
-try:
-    from orjson import loads as json_loads
-except ModuleNotFoundError:
-    from json import loads as json_loads
 
 logger = logging.getLogger(__name__)
 

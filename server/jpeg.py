@@ -1,8 +1,8 @@
 """The fast JPEG path: libjpeg-turbo through simplejpeg, with DCT-domain downscaling, GIL released.
 
 Only the common case goes this way: a baseline or progressive YCbCr or gray JPEG with no EXIF rotation.
-Everything else (CMYK, rotated photos, corrupt or truncated data, simplejpeg not installed) answers None
-and the caller decodes with Pillow, which gives the documented error messages. On the images it takes,
+Everything else (CMYK, rotated photos, corrupt or truncated data) answers None and the caller decodes
+with Pillow, which gives the documented error messages. On the images it takes,
 the pixels are identical to Pillow's (same library, same default DCT and upsampling, same scale factor).
 """
 
@@ -12,13 +12,9 @@ import logging
 import struct
 
 import numpy as np
+import simplejpeg
 
 logger = logging.getLogger(__name__)
-
-try:
-    import simplejpeg
-except ModuleNotFoundError:  # optional: Pillow decodes everything without it, more slowly
-    simplejpeg = None
 
 _FAST_COLOURSPACES = frozenset({"YCbCr", "Gray"})
 _SOI = b"\xff\xd8"
@@ -26,10 +22,6 @@ _SOS, _EOI, _APP1 = 0xDA, 0xD9, 0xE1
 _EXIF_HEADER = b"Exif\x00\x00"
 _ORIENTATION_TAG = 0x0112
 _PILLOW_SCALES = (8, 4, 2, 1)  # Image.draft's choices (libjpeg offers more; these keep Pillow's pixels)
-
-
-def available() -> bool:
-    return simplejpeg is not None
 
 
 def exif_orientation(data: bytes) -> int:
@@ -73,7 +65,7 @@ def pillow_draft_scale(width: int, height: int, min_width: int, min_height: int)
 
 def read_header(data: bytes) -> tuple[int, int, str] | None:
     """(width, height, colourspace) of a JPEG the fast path can take, or None."""
-    if simplejpeg is None or not data.startswith(_SOI):
+    if not data.startswith(_SOI):
         return None
     try:
         height, width, colourspace, _subsampling = simplejpeg.decode_jpeg_header(data)
@@ -87,7 +79,6 @@ def read_header(data: bytes) -> tuple[int, int, str] | None:
 def decode_scaled(data: bytes, width: int, height: int, min_width: int, min_height: int) -> np.ndarray | None:
     """(h, w, 3) uint8 RGB at Pillow's draft scale for (min_width, min_height), or None when libjpeg-turbo
     refuses (corrupt or truncated data: the caller's Pillow path then says what is wrong)."""
-    assert simplejpeg is not None  # read_header answered first
     scale = pillow_draft_scale(width, height, min_width, min_height)
     try:
         return simplejpeg.decode_jpeg(  # type: ignore[no-any-return]

@@ -1,8 +1,13 @@
-"""Response shapes of the HTTP API, for the OpenAPI page (/docs) and for clients to read."""
+"""Response shapes of the HTTP API and the routes' OpenAPI descriptions, for /docs and for clients to read."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
+
+from server.imaging import SUPPORTED_CONTENT_TYPES
+from server.uploads import MULTIPART
 
 
 class Timings(BaseModel):
@@ -88,3 +93,57 @@ class Readiness(BaseModel):
     status: str
     models: list[str]
     detail: str | None = None
+
+
+# ------------------------------------------------------------ OpenAPI descriptions of the routes
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "undecodable or too small image, empty or malformed body",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        408: "the body did not arrive within body_timeout_s",
+        413: "body or image too large",
+        415: "unsupported content type",
+        422: "bad query parameter; a reload whose model dir does not load",
+        500: "inference failed",
+        503: "not ready or queue full (see Retry-After)",
+        504: "deadline passed",
+    }.items()
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the raw image bytes (Content-Type image/...), or multipart/form-data with files",
+        "content": {
+            **{content_type: _BINARY for content_type in SUPPORTED_CONTENT_TYPES},
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+        },
+    }
+}
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "one image: Prediction; several: BatchPrediction; `Accept: image/png`: the heatmap",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/Prediction"},
+                        {"$ref": "#/components/schemas/BatchPrediction"},
+                    ]
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **ERROR_RESPONSES,
+}

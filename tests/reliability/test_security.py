@@ -186,7 +186,7 @@ def test_the_api_key_is_compared_with_compare_digest(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every key check goes through hmac.compare_digest (constant time), never `==`."""
-    from server import routes
+    from server import deps
 
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
@@ -195,7 +195,7 @@ def test_the_api_key_is_compared_with_compare_digest(
         calls.append((given, expected))
         return real(given, expected)
 
-    monkeypatch.setattr(routes.hmac, "compare_digest", spy)
+    monkeypatch.setattr(deps.hmac, "compare_digest", spy)
     key = "s3cret-key-0123456789"
     settings = Settings(model_dirs=[model_dir], backend="onnxruntime-cpu", intra_op_threads=1, api_key=key)
     body = png_bytes(np.full((64, 64, 3), 90, np.uint8))
@@ -223,7 +223,7 @@ def test_the_api_key_is_compared_with_compare_digest(
         b"nope",
     ]
     assert {expected for _, expected in calls} == {key.encode()}
-    source = (REPO / "server" / "routes.py").read_text()
+    source = (REPO / "server" / "deps.py").read_text()
     function = next(
         node
         for node in ast.walk(ast.parse(source))

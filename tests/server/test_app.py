@@ -531,8 +531,8 @@ def test_a_model_failing_to_load_stops_startup_and_closes_the_loaded_ones(
 ) -> None:
     import asyncio
 
-    from server.app import ServingState
     from server.backends import BackendError
+    from server.state import ServingState
 
     closed: list[str] = []
 

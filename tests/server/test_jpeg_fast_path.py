@@ -12,8 +12,6 @@ from PIL import Image
 from server import jpeg
 from server.imaging import UndecodableImage, decode_for_model
 
-pytestmark = pytest.mark.skipif(not jpeg.available(), reason="simplejpeg is not installed")
-
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "cookie"
 CAMERA = REPO.parent / "shared" / "data" / "cookie" / "test" / "anomaly" / "anomaly-10.jpg"

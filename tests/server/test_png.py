@@ -73,15 +73,3 @@ def test_smaller_than_raw(smooth_levels: np.ndarray) -> None:
 def test_bad_arguments(pixels: np.ndarray, palette: np.ndarray | None) -> None:
     with pytest.raises(ValueError):
         encode_png(pixels, palette=palette)
-
-
-def test_the_zlib_fallback_writes_the_same_pixels(
-    smooth_levels: np.ndarray, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without python-isal installed, zlib deflates: a different stream, the same image."""
-    from server import png
-
-    with_isal = encode_png(smooth_levels, palette=JET_LUT)
-    monkeypatch.setattr(png, "isal_zlib", None)
-    with_zlib = encode_png(smooth_levels, palette=JET_LUT)
-    np.testing.assert_array_equal(np.asarray(decode(with_zlib)), np.asarray(decode(with_isal)))
