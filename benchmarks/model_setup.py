@@ -62,8 +62,8 @@ def make_random_run(run_dir: Path, *, model_size: str, image_size: int, seed: in
     """A checkpoint with random-init networks and identity map statistics (for timing only)."""
     import torch
 
-    from training.anomaly_maps import MapStatistics
     from training.checkpoint import ModelConfig, save_checkpoint
+    from training.model import MapStatistics
     from training.networks import build_networks
 
     torch.manual_seed(seed)
@@ -82,7 +82,7 @@ def make_random_run(run_dir: Path, *, model_size: str, image_size: int, seed: in
 
 GRAPH_SOURCES = (
     "training/networks.py",
-    "training/anomaly_maps.py",
+    "training/model.py",
     "export/fused.py",
     "export/onnx_export.py",
 )

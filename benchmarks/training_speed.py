@@ -2,14 +2,14 @@
 
 Each step is the one the training code runs, built from its own parts:
 - `distill`: `training.distill`'s step: the padded PDN-S teacher on a (B, 3, crop, crop) uint8 batch,
-  ImageNet-normalised (`training.anomaly_maps.imagenet_normalise`), under `training.device.autocast`;
+  ImageNet-normalised (`training.model.imagenet_normalise`), under `training.device.autocast`;
   `F.mse_loss` to (B, 384, crop/4, crop/4) float32 targets; one Adam step (lr 1e-4, weight decay 1e-5).
   The distillation caches the backbone's targets (computed once per image), so the timed step is the PDN
   step on a ready batch (its host->device copy included); the batch's assembly from the cache is not timed.
 - `backbone`: what that cache saves: `training.distill.backbone_features` (EfficientNet-Lite0, no grad)
   on (N, 3, 2S, 2S) images, N = 1 by default as the distillation computes its targets one image at a time.
-- `train`: `training.train._train_step` (teacher, student on plain + jittered images + penalty crops,
-  autoencoder, the four losses) + sum + zero_grad + backward + Adam step, as `training.train._run_loop`.
+- `train`: `training.train.train_step` (teacher, student on plain + jittered images + penalty crops,
+  autoencoder, the four losses) + `optimizer_step` (sum, zero_grad, backward, Adam step), as the loop does.
 
 Weights and images are random: a step's time does not depend on their values. Precisions: fp32 always,
 bf16 (autocast) only where the device computes it natively (`resolve_precision("auto", device)`); on a CPU
@@ -55,7 +55,7 @@ BACKBONE_NOTE = (
     "per image, i.e. the cost the target cache saves per image after its first use"
 )
 TRAIN_NOTE = (
-    "train: training.train._train_step (teacher; student on plain and jittered images{penalty}; "
+    "train: training.train.train_step (teacher; student on plain and jittered images{penalty}; "
     "autoencoder; 4 losses) + backward + Adam step"
 )
 RANDOM_NOTE = "random weights and random uint8 images: a step's time does not depend on their values"
@@ -199,45 +199,39 @@ def backbone_step(
 def train_step(
     device: torch.device, precision: str, *, image_size: int, batch_size: int, penalty: bool, seed: int = 0
 ) -> Callable[[], None]:
-    """One training step (student + autoencoder against a frozen teacher) on random images."""
+    """One training step (student + autoencoder against a frozen teacher) on random images, through the
+    training loop's own functions: `TrainingImages.draw_batch`, `train_step`, `optimizer_step`."""
+    from training.model import EfficientAD
     from training.networks import PDN, Autoencoder
-    from training.train import _LoopInputs, _train_step
+    from training.train import TrainingImages, new_optimizer, optimizer_step
+    from training.train import train_step as training_step
 
     generator = torch.Generator().manual_seed(seed)
-    teacher = PDN(size="small", out_channels=TEACHER_CHANNELS).to(device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    student = PDN(size="small", out_channels=2 * TEACHER_CHANNELS).to(device).train()
-    autoencoder = Autoencoder(out_channels=TEACHER_CHANNELS, image_size=image_size).to(device).train()
-    optimizer = torch.optim.Adam(
-        [*student.parameters(), *autoencoder.parameters()],
-        lr=TRAIN_LEARNING_RATE,
-        weight_decay=TRAIN_WEIGHT_DECAY,
-    )
+    model = EfficientAD(
+        PDN(size="small", out_channels=TEACHER_CHANNELS),
+        PDN(size="small", out_channels=2 * TEACHER_CHANNELS),
+        Autoencoder(out_channels=TEACHER_CHANNELS, image_size=image_size),
+        image_size=image_size,
+    ).to(device)
+    model.student.train()
+    model.autoencoder.train()
+    model.teacher.eval().requires_grad_(False)
+    optimizer = new_optimizer(model, TRAIN_LEARNING_RATE, TRAIN_WEIGHT_DECAY)
     side = image_size
-    inputs = _LoopInputs.on(
-        device,
-        teacher=teacher,
-        teacher_mean=torch.zeros(TEACHER_CHANNELS),  # (384,)
-        teacher_std=torch.ones(TEACHER_CHANNELS),  # (384,)
-        train_images=torch.randint(
+    images = TrainingImages(
+        train=torch.randint(
             0, 256, (TRAIN_POOL_IMAGES, 3, side, side), dtype=torch.uint8, generator=generator
-        ),  # (N, 3, S, S)
+        ),
         penalty_pool=torch.randint(
             0, 256, (PENALTY_POOL_IMAGES, 3, 2 * side, 2 * side), dtype=torch.uint8, generator=generator
         )
         if penalty
         else None,  # (M, 3, 2S, 2S)
-    )
+    ).to(device)
 
     def step() -> None:
-        draws = torch.randint(0, TRAIN_POOL_IMAGES, (batch_size,), generator=generator).tolist()
-        batch = torch.stack([inputs.train_images[index] for index in draws]).float() / 255.0  # (B, 3, S, S)
-        losses = _train_step(batch, inputs, student, autoencoder, generator, precision)
-        total = losses["hard"] + losses["penalty"] + losses["ae"] + losses["stae"]
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        batch = images.draw_batch(batch_size, image_size, generator)  # (B, 3, S, S)
+        optimizer_step(optimizer, training_step(model, batch, images, generator, precision))
 
     return step
 

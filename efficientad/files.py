@@ -36,20 +36,17 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             os.unlink(temporary)
 
 
-def read_versioned_json(
-    path: Path, *, expected_format: str, max_version: int, error: type[UserError], what: str
+def check_versioned_document(
+    document: Any,
+    path: Path,
+    *,
+    expected_format: str,
+    max_version: int,
+    error: type[UserError],
+    what: str,
 ) -> dict[str, Any]:
-    """A JSON object whose "format" is `expected_format` and "format_version" an int <= `max_version`.
-
-    Anything else raises `error` with a message naming `path` and `what` the file should have been.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} not found: {path}")
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
-        raise error(f"{what} is not valid JSON: {path} ({problem})") from None
+    """`document` itself when it is a dict whose "format" is `expected_format` and "format_version" an int
+    <= `max_version`; otherwise `error` with a message naming `path` and `what` it should have been."""
     if not isinstance(document, dict) or document.get("format") != expected_format:
         raise error(f"not {what} (format is not {expected_format!r}): {path}")
     version = document.get("format_version")
@@ -58,3 +55,19 @@ def read_versioned_json(
             f"{what} format version {version!r} is not supported (this build reads <= {max_version}): {path}"
         )
     return document
+
+
+def read_versioned_json(
+    path: Path, *, expected_format: str, max_version: int, error: type[UserError], what: str
+) -> dict[str, Any]:
+    """The JSON object in `path`, checked by `check_versioned_document`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{what} is not valid JSON: {path} ({problem})") from None
+    return check_versioned_document(
+        document, path, expected_format=expected_format, max_version=max_version, error=error, what=what
+    )

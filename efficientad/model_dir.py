@@ -2,7 +2,7 @@
 
 The contract between the exporter (which writes model dirs) and the server (which reads them). Torch-free
 on purpose, and part of the core package so that the server need not import the exporter: this module
-imports only the standard library and `efficientad.*`. `export.model_dir` re-exports it.
+imports only the standard library and `efficientad.*`.
 
     MODEL_DIR/
       model.onnx                                   fused graph: image uint8 (N,3,H,W) -> anomaly_map, score

@@ -242,7 +242,7 @@ def export_model(
         export_onnx(fused, onnx_path, opset=opset)
         pixels = load_images(images, checkpoint.config.image_size)  # (N, 3, S, S) uint8
         names = [path.name for path in images]
-        parity = check_parity(checkpoint, fused, onnx_path, pixels, names).as_dict()
+        parity = check_parity(checkpoint, onnx_path, pixels, names).as_dict()
         parity["inputs_file"] = PARITY_IMAGES_FILE
         np.save(staging / PARITY_IMAGES_FILE, pixels.numpy(), allow_pickle=False)
         document = _model_document(checkpoint, run_dir, onnx_path, opset, parity)

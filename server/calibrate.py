@@ -18,7 +18,6 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,16 @@ import numpy as np
 from efficientad.errors import UserError
 from efficientad.files import atomic_write
 from efficientad.model_dir import ModelInfo, read_model_dir, write_threshold
+from efficientad.scores import (
+    exact_rate,
+    false_alarm_rate,
+    image_auroc,
+    images_needed,
+    labelled,
+    miss_rate,
+    rate_is_resolvable,
+    threshold_for_false_alarm_rate,
+)
 from server.backends import OnnxRuntimeBackend
 from server.client import CONTENT_TYPES_BY_SUFFIX, content_type_for
 from server.config import Settings
@@ -97,7 +106,7 @@ class Calibration:
 
     @property
     def auroc(self) -> float | None:
-        return None if self.defects is None else image_auroc(self.good.scores, self.defects.scores)
+        return None if self.defects is None else image_auroc(*labelled(self.good.scores, self.defects.scores))
 
     def history_details(self) -> dict[str, Any]:
         """Where the new threshold comes from, for model.json's threshold_history entry."""
@@ -138,70 +147,6 @@ class Calibration:
             "good": self.good.to_json(),
             "defects": None if self.defects is None else self.defects.to_json(),
         }
-
-
-def _exact_rate(rate: float) -> Fraction:
-    """The rate as the decimal it was written as (0.01 -> 1/100), so N * rate has no rounding error."""
-    rate = float(rate)
-    if not (math.isfinite(rate) and 0 <= rate < 1):
-        raise ValueError(f"the false-alarm rate must be at least 0 and below 1, got {rate}")
-    return Fraction(repr(rate))
-
-
-def rate_is_resolvable(count: int, rate: float) -> bool:
-    """Whether `count` good images can resolve `rate`: count >= 1 / rate (one image is 1/count of them)."""
-    return count * _exact_rate(rate) >= 1
-
-
-def images_needed(rate: float) -> int | None:
-    """The fewest good images that resolve `rate` (ceil(1 / rate)); None for 0, which no count resolves."""
-    exact = _exact_rate(rate)
-    return math.ceil(1 / exact) if exact else None
-
-
-def threshold_for_false_alarm_rate(scores: Sequence[float] | np.ndarray, rate: float) -> float:
-    """s_k of the sorted good scores, k = max(1, ceil(N (1 - rate))): the smallest score t with at most
-    a fraction `rate` of the scores above t."""
-    ordered = np.sort(np.asarray(scores, dtype=np.float64))  # (N,)
-    if ordered.size == 0:
-        raise ValueError("no scores: a threshold needs at least one good image")
-    k = max(1, math.ceil(ordered.size * (1 - _exact_rate(rate))))
-    return float(ordered[k - 1])
-
-
-def false_alarm_rate(good_scores: Sequence[float] | np.ndarray, threshold: float) -> float:
-    """The fraction of good scores the server would flag (score > threshold)."""
-    scores = np.asarray(good_scores, dtype=np.float64)
-    return float(np.mean(scores > threshold)) if scores.size else 0.0
-
-
-def miss_rate(defect_scores: Sequence[float] | np.ndarray, threshold: float) -> float:
-    """The fraction of defect scores the server would pass (score <= threshold)."""
-    scores = np.asarray(defect_scores, dtype=np.float64)
-    return float(np.mean(scores <= threshold)) if scores.size else 0.0
-
-
-def _midranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of `values` (N,), tied values sharing the mean of their ranks."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    last_rank = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last_rank - (counts - 1) / 2.0)[inverse]
-
-
-def image_auroc(
-    good_scores: Sequence[float] | np.ndarray, defect_scores: Sequence[float] | np.ndarray
-) -> float:
-    """Area under the ROC curve (good = 0, defect = 1): P(defect score > good score), ties counted half.
-
-    Mann-Whitney: (sum of the defects' midranks - n1 (n1 + 1) / 2) / (n0 n1).
-    """
-    good = np.asarray(good_scores, dtype=np.float64)
-    defects = np.asarray(defect_scores, dtype=np.float64)
-    if good.size == 0 or defects.size == 0:
-        raise ValueError("the AUROC needs at least one good and one defect score")
-    ranks = _midranks(np.concatenate([good, defects]))
-    defect_rank_sum = float(ranks[good.size :].sum())
-    return (defect_rank_sum - defects.size * (defects.size + 1) / 2) / (good.size * defects.size)
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -287,7 +232,7 @@ def unresolved_rate_warning(count: int, rate: float) -> str:
 
 def _check_options(false_alarm_rate: float, batch_size: int, threads: int) -> None:
     try:
-        _exact_rate(false_alarm_rate)
+        exact_rate(false_alarm_rate)
     except ValueError as error:
         raise CalibrationError(f"--false-alarm-rate: {error}") from None
     if batch_size < 1:

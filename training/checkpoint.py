@@ -20,7 +20,7 @@ from torch import nn
 
 from efficientad.errors import UserError
 from efficientad.files import atomic_write, file_sha256, read_versioned_json
-from training.anomaly_maps import MapStatistics
+from training.model import MapStatistics
 from training.networks import PDN, Autoencoder, ModelSize, build_networks
 
 CHECKPOINT_FORMAT = "efficientad-checkpoint"

@@ -10,8 +10,6 @@ import argparse
 import json
 from pathlib import Path
 
-from efficientad.errors import UserError
-
 # Flags of `train` that map one-to-one onto TrainSettings fields (None = not given on the command line).
 TRAIN_FLAGS = (
     "augment",
@@ -30,7 +28,6 @@ TRAIN_FLAGS = (
     "checkpoint_dtype",
     "save_every",
 )
-RESUME_MAY_CHANGE = ("device", "save_every")
 
 
 def register(subcommands: argparse._SubParsersAction) -> None:
@@ -198,32 +195,13 @@ DISTILL_FLAGS = (
 )
 
 
-def _refuse_changed_settings(given: dict, stored: object, may_change: tuple[str, ...], what: str) -> None:
-    """A UserError listing the flags given with --resume that differ from the run's saved settings."""
-    conflicts = [
-        f"--{name.replace('_', '-')} {value} (the run has {getattr(stored, name)})"
-        for name, value in given.items()
-        if name not in may_change and value != getattr(stored, name)
-    ]
-    if conflicts:
-        allowed = " and ".join(f"--{name.replace('_', '-')}" for name in may_change)
-        raise UserError(
-            f"--resume continues {what} with its saved settings; these differ: {', '.join(conflicts)} "
-            f"(only {allowed} may change)"
-        )
-
-
 def distill_command(args: argparse.Namespace) -> int:
-    from training.distill import RESUME_MAY_CHANGE, DistillSettings, distill_teacher, saved_distill_settings
+    from training.distill import distill_teacher
 
     given = {name: getattr(args, name) for name in DISTILL_FLAGS if getattr(args, name) is not None}
-    if args.resume:
-        what = f"the distillation for {args.out}"
-        _refuse_changed_settings(given, saved_distill_settings(args.out), RESUME_MAY_CHANGE, what)
     out = distill_teacher(
         args.image_dir,
         args.out,
-        DistillSettings(),
         resume=args.resume,
         backbone_weights=args.backbone_weights,
         stop_after_step=args.stop_after,
@@ -236,36 +214,23 @@ def distill_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_from_args(args: argparse.Namespace):  # -> TrainSettings
-    from dataclasses import replace
-
-    from training.train import TrainSettings, saved_settings
-
-    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    if not args.resume:
-        return TrainSettings(**given)
-    stored = saved_settings(args.out)
-    _refuse_changed_settings(given, stored, RESUME_MAY_CHANGE, str(args.out))
-    return replace(stored, **{name: given[name] for name in RESUME_MAY_CHANGE if name in given})
-
-
 def train_command(args: argparse.Namespace) -> int:
     from training.checkpoint import METADATA_FILE, read_metadata
     from training.evaluate import format_table
-    from training.train import STATE_FILE, train
+    from training.train import TrainSettings, load_saved_state, train
 
-    settings = _settings_from_args(args)
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     run_dir = train(
         args.data_dir,
         args.out,
-        settings,
         resume=args.resume,
         force=args.force,
         stop_after_step=args.stop_after,
+        **given,
     )
-    if not (run_dir / METADATA_FILE).is_file() and (run_dir / STATE_FILE).is_file():
-        step = json.loads((run_dir / STATE_FILE).read_text())["step"]
-        print(f"stopped after step {step} of {settings.steps}; continue with:")
+    if not (run_dir / METADATA_FILE).is_file():
+        state = load_saved_state(run_dir)
+        print(f"stopped after step {state.step} of {state.settings(TrainSettings).steps}; continue with:")
         print(f"  efficientad train {args.data_dir} --out {run_dir} --resume")
         return 0
     metadata = read_metadata(run_dir)
@@ -284,8 +249,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     result = evaluate(args.run_dir, args.data_dir, device=args.device)
     print(format_table(result))
     if "threshold" in result:
+        labels = result["overall"]
         print(
-            f"threshold {result['threshold']:.6f}: {result['threshold_accuracy']:.1%} of test images correct"
+            f"threshold {result['threshold']:.6f}: "
+            f"{result['threshold_accuracy']:.1%} of test images correct; "
+            f"defects caught {result['defects_caught']} of {labels['anomalous_images']} "
+            f"({result['threshold_detection_rate']:.1%}), good flagged {result['good_flagged']} of "
+            f"{labels['images'] - labels['anomalous_images']} ({result['threshold_false_alarm_rate']:.1%})"
         )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ What makes it affordable on a CPU:
   images at 512 px) otherwise costs more than the PDN step on 96-px crops (0.9 s).
 - bfloat16 autocast where the hardware computes it natively (`precision`, see training.device).
 
-Resumable: every `save_every` steps and on Ctrl-C, `<out>.state.safetensors` + `<out>.state.json` (weights,
-Adam moments, statistics, losses; no pickle) are written; `resume=True` continues from them. Each step's
+Resumable: every `save_every` steps, on Ctrl-C and on SIGTERM, ONE file `<out>.state.safetensors` (weights,
+Adam moments, statistics, losses, settings; no pickle; training.run_state) is written; `resume=True`
+continues from it. Each step's
 random draws come from a generator seeded with (seed, step) and every target is computed one image at a
 time, so a resumed run on the CPU repeats the uninterrupted one bit for bit.
 """
@@ -29,25 +30,23 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from efficientad.errors import UserError
-from efficientad.files import atomic_write
-from training.anomaly_maps import imagenet_normalise
 from training.augment import GRAY_WEIGHTS
 from training.backbones import BACKBONES, Backbone, build_backbone
-from training.checkpoint import CheckpointError, file_sha256, versions
+from training.checkpoint import file_sha256, versions
 from training.device import autocast, resolve_device, resolve_precision
 from training.images import list_images, load_rgb, to_uint8_tensor
+from training.model import imagenet_normalise
 from training.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, ModelSize
+from training.run_state import RunState, load_run_state, resumed_settings, save_run_state
 from training.signals import sigterm_as_interrupt
 from training.teacher_file import save_teacher
 
@@ -59,8 +58,7 @@ PROGRESS_EVERY = 10  # steps between loss updates on the progress bar
 CONTENT_FINGERPRINT_LIMIT = 20_000  # larger folders are fingerprinted by file names and sizes
 LOSS_WINDOW = 100  # initial and final loss: means over the first and last this many steps (<= steps/4)
 IMAGE_CACHE_LIMIT = 20_000  # folders up to this many images keep their decoded PDN-size images in memory
-STATE_FORMAT = "efficientad-distill-state"
-RESUME_MAY_CHANGE = ("device", "save_every", "learning_rate")
+STATE_KIND = "efficientad-distill-state"
 
 
 @dataclass
@@ -299,85 +297,20 @@ def distill_step(
 # ----------------------------------------------------------------------------- resumable state
 
 
-def state_paths(out: Path) -> tuple[Path, Path]:
-    """(<out>.state.json, <out>.state.safetensors) next to the teacher file."""
+def state_path(out: Path) -> Path:
+    """<out>.state.safetensors next to the teacher file: the one resumable-state file."""
     out = Path(out)
-    return out.with_name(out.name + ".state.json"), out.with_name(out.name + ".state.safetensors")
+    return out.with_name(out.name + ".state.safetensors")
 
 
-def read_state(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    document_path, tensors_path = state_paths(out)
-    if not document_path.is_file():
-        raise UserError(f"nothing to resume for {out}: {document_path} not found")
-    try:
-        document = json.loads(document_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"distillation state is not valid JSON: {document_path} ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"not an EfficientAD distillation state: {document_path}")
-    if not tensors_path.is_file() or document.get("tensors_sha256") != file_sha256(tensors_path):
-        raise CheckpointError(f"{tensors_path} is missing or does not match {document_path.name}")
-    try:
-        return document, load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {tensors_path}: {error}") from None
+def read_state(out: Path) -> RunState:
+    """The resumable state of the unfinished distillation that writes `out`."""
+    return load_run_state(state_path(out), kind=STATE_KIND, what="a distillation state")
 
 
 def saved_distill_settings(out: Path) -> DistillSettings:
     """The settings of the unfinished distillation that writes `out`."""
-    document, _ = read_state(out)
-    known = {field.name for field in fields(DistillSettings)}
-    return DistillSettings(**{key: value for key, value in document["settings"].items() if key in known})
-
-
-def _save_state(
-    out: Path,
-    *,
-    settings: DistillSettings,
-    step: int,
-    teacher: PDN,
-    optimizer: torch.optim.Adam,
-    losses: torch.Tensor,
-    targets: DistillationTargets,
-    seconds: float,
-    fingerprint: str,
-    schedule: list[list[float]],
-) -> None:
-    document_path, tensors_path = state_paths(out)
-    tensors = {f"teacher.{k}": v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
-    for index, values in optimizer.state_dict()["state"].items():
-        for name, value in values.items():
-            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["stats.mean"], tensors["stats.std"] = targets.mean.contiguous(), targets.std.contiguous()
-    tensors["losses"] = losses[:step].cpu().contiguous()
-    atomic_write(tensors_path, lambda temporary: save_file(tensors, str(temporary)))
-    document = {
-        "format": STATE_FORMAT,
-        "step": step,
-        "settings": asdict(settings),
-        "seconds": seconds,
-        "dataset_fingerprint": fingerprint,
-        "learning_rate_schedule": schedule,
-        "tensors_sha256": file_sha256(tensors_path),
-    }
-    atomic_write(document_path, lambda temporary: temporary.write_text(json.dumps(document, indent=2) + "\n"))
-    logger.info("saved the distillation state at step %d to %s", step, document_path)
-
-
-def _restore(
-    teacher: PDN, optimizer: torch.optim.Adam, tensors: dict[str, torch.Tensor], source: Path
-) -> None:
-    weights = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    try:
-        teacher.load_state_dict(weights)
-        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{source}: the saved state does not fit: {error}") from None
+    return read_state(out).settings(DistillSettings)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -395,36 +328,35 @@ def distill_teacher(
 ) -> Path:
     """Distill a teacher PDN on the images in `image_dir` and write it to `out`; returns `out`.
 
-    `overrides` are DistillSettings fields (e.g. steps=20). `resume` continues the unfinished run that
-    writes `out` with its saved settings; only the overrides named in RESUME_MAY_CHANGE apply (device,
-    save_every, and learning_rate, whose changes are recorded as a schedule), others must equal the saved
-    ones. `stop_after_step` saves a resumable state after that step and returns without writing the teacher.
+    `settings` and `overrides` (DistillSettings fields, e.g. steps=20): the run's settings. `resume` continues
+    the unfinished run that writes `out` with its saved settings; what is asked for again must match them,
+    except the settings in training.run_state.RESUME_MAY_CHANGE (a new learning rate is recorded as a
+    schedule). `stop_after_step` saves a resumable state after that step and returns without writing the
+    teacher.
     """
-    settings = replace(settings or DistillSettings(), **overrides)
-    settings.check()
-    schedule: list[list[float]] = [[0, settings.learning_rate]]  # [first step, learning rate] entries
     out = Path(out)
     paths = list_images(Path(image_dir))
     fingerprint, fingerprint_covers = dataset_fingerprint(paths)
-    state_tensors: dict[str, torch.Tensor] | None = None
+    state = read_state(out) if resume else None
     start_step, seconds_before = 0, 0.0
-    if resume:
-        document, state_tensors = read_state(out)
-        stored = saved_distill_settings(out)
-        refused = [name for name, value in overrides.items()
-                   if name not in RESUME_MAY_CHANGE and value != getattr(stored, name)]  # fmt: skip
-        if refused:
-            raise UserError(f"resume keeps the run's saved settings; these differ: {', '.join(refused)}")
-        changes = {name: value for name, value in overrides.items() if name in RESUME_MAY_CHANGE}
-        settings = replace(stored, **changes)
-        settings.check()
-        if document["dataset_fingerprint"] != fingerprint:
+    if state is not None:
+        given = {**(asdict(settings) if settings is not None else {}), **overrides}
+        settings = resumed_settings(
+            state.settings(DistillSettings), given, what=f"the distillation for {out}"
+        )
+        if settings.steps < state.step:
+            raise UserError(f"--steps {settings.steps} is below the step the run reached ({state.step})")
+        if state.document["dataset_fingerprint"] != fingerprint:
             raise UserError(f"the images in {image_dir} changed since the distillation started")
-        start_step, seconds_before = int(document["step"]), float(document["seconds"])
-        schedule = document.get("learning_rate_schedule", [[0, stored.learning_rate]])
+        start_step, seconds_before = state.step, float(state.document["seconds"])
+        schedule = state.document["learning_rate_schedule"]
         if settings.learning_rate != schedule[-1][1]:
             schedule.append([start_step, settings.learning_rate])
             logger.info("learning rate %g from step %d on", settings.learning_rate, start_step)
+    else:
+        settings = replace(settings or DistillSettings(), **overrides)
+        schedule = [[0, settings.learning_rate]]  # [first step, learning rate] entries
+    settings.check()
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
@@ -447,10 +379,11 @@ def distill_teacher(
     losses = torch.zeros(settings.steps, device=device)  # kept on the device: no sync per step
     order = torch.Generator().manual_seed(settings.seed)
     statistics_indices = torch.randperm(len(paths), generator=order)[:STATISTICS_IMAGES].tolist()
-    if state_tensors is not None:
-        _restore(teacher, optimizer, state_tensors, state_paths(out)[1])
-        targets.set_statistics(state_tensors["stats.mean"], state_tensors["stats.std"])
-        losses[:start_step] = state_tensors["losses"].to(device)
+    if state is not None:
+        state.restore_module(teacher, "teacher")
+        state.restore_optimizer(optimizer)
+        targets.set_statistics(state.tensors["stats.mean"], state.tensors["stats.std"])
+        losses[:start_step] = state.tensors["losses"][:start_step].to(device)
         logger.info("resuming %s at step %d of %d", out, start_step, settings.steps)
     else:
         mean, std, raws = feature_statistics(targets, statistics_indices)
@@ -464,11 +397,20 @@ def distill_teacher(
     started = time.monotonic()
 
     def save_state() -> None:
-        _save_state(
-            out, settings=settings, step=step, teacher=teacher, optimizer=optimizer, losses=losses,
-            targets=targets, seconds=seconds_before + time.monotonic() - started, fingerprint=fingerprint,
-            schedule=schedule,
-        )  # fmt: skip
+        save_run_state(
+            state_path(out),
+            kind=STATE_KIND,
+            document={
+                "step": step,
+                "settings": asdict(settings),
+                "seconds": seconds_before + time.monotonic() - started,
+                "dataset_fingerprint": fingerprint,
+                "learning_rate_schedule": schedule,
+            },
+            modules={"teacher": teacher},
+            optimizer=optimizer,
+            tensors={"stats.mean": targets.mean, "stats.std": targets.std, "losses": losses[:step]},
+        )
 
     progress = tqdm(
         total=settings.steps,
@@ -534,7 +476,6 @@ def distill_teacher(
         "dataset_fingerprint_covers": fingerprint_covers,
     }
     save_teacher(out, teacher.cpu(), metadata)
-    for path in state_paths(out):
-        path.unlink(missing_ok=True)
+    state_path(out).unlink(missing_ok=True)
     logger.info("teacher written to %s", out)
     return out

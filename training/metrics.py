@@ -1,7 +1,8 @@
 """Anomaly-detection metrics: image AUROC, pixel AUROC and AU-PRO (the MVTec AD protocol).
 
-All three sort the scores once and read the curves off cumulative sums, so 100 maps of 256x256 take about
-a second. Ties count as in scikit-learn's `roc_auc_score`: all samples with the same score cross the
+The ROC math and the image AUROC are the core's (`efficientad.scores`); this module adds the pixel-level
+metrics. Both sort the scores once and read the curves off cumulative sums, so 100 maps of 256x256 take
+about a second. Ties count as in scikit-learn's `roc_auc_score`: all samples with the same score cross the
 threshold together, which joins the curve points by a straight (trapezoid) segment.
 """
 
@@ -9,52 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _check_finite(values: np.ndarray, name: str) -> None:
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} contain NaN or infinite values")
-
-
-def _as_float(values: np.ndarray) -> np.ndarray:
-    """Float scores as given (float32 sorts faster than float64 and keeps the order); others to float64."""
-    values = np.asarray(values)
-    return values if values.dtype.kind == "f" else values.astype(np.float64)
-
-
-def _descending_threshold_ends(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order (highest score first) and, in that order, the last index of each run of equal scores."""
-    order = np.argsort(scores, kind="stable")[::-1]  # (M,)
-    sorted_scores = scores[order]
-    ends = np.flatnonzero(np.diff(sorted_scores))  # last index before the score changes
-    return order, np.append(ends, sorted_scores.size - 1)
-
-
-def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) * 0.5))
-
-
-def _roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of flat boolean labels against flat scores."""
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    scores = _as_float(scores).reshape(-1)
-    if labels.shape != scores.shape:
-        raise ValueError(f"labels have {labels.size} values but scores have {scores.size}")
-    _check_finite(scores, "scores")
-    positives = int(labels.sum())
-    negatives = labels.size - positives
-    if positives == 0 or negatives == 0:
-        raise ValueError("AUROC needs both normal and anomalous samples; only one class is present")
-    order, ends = _descending_threshold_ends(scores)
-    true_positives = np.cumsum(labels[order], dtype=np.int64)[ends]  # at each distinct threshold
-    false_positives = (ends + 1) - true_positives
-    tpr = np.concatenate(([0.0], true_positives / positives))
-    fpr = np.concatenate(([0.0], false_positives / negatives))
-    return _trapezoid(fpr, tpr)
-
-
-def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Image-level AUROC: `labels` (N,) bool, True = anomalous; `scores` (N,) higher = more anomalous."""
-    return _roc_auc(labels, scores)
+from efficientad.scores import (
+    as_float,
+    check_finite,
+    descending_threshold_ends,
+    roc_auc,
+    trapezoid,
+)
 
 
 def _check_maps(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +32,7 @@ def _check_maps(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.nda
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Pixel-level AUROC over all pixels of all images: `masks` (N,H,W) bool, `maps` (N,H,W) scores."""
     masks, maps = _check_maps(masks, maps)
-    return _roc_auc(masks, maps)
+    return roc_auc(masks, maps)
 
 
 def _connected_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -90,8 +52,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     the region's pixels scoring at or above it; FPR = fraction of all normal pixels scoring at or above it.
     """
     masks, maps = _check_maps(masks, maps)
-    scores = _as_float(maps).reshape(-1)
-    _check_finite(scores, "maps")
+    scores = as_float(maps).reshape(-1)
+    check_finite(scores, "maps")
     regions, region_count = _connected_regions(masks)
     regions = regions.reshape(-1)
     normal = ~masks.reshape(-1)
@@ -104,7 +66,7 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     # Each pixel of region k moves PRO by 1 / (size_k * K) when it crosses the threshold; normal pixels by 0.
     weights = np.zeros(region_count + 1)
     weights[1:] = 1.0 / (region_sizes[1:] * region_count)
-    order, ends = _descending_threshold_ends(scores)
+    order, ends = descending_threshold_ends(scores)
     false_positives = np.cumsum(normal[order], dtype=np.int64)[ends]
     overlap = np.cumsum(weights[regions[order]])[ends]
     fpr = np.concatenate(([0.0], false_positives / normal_count, [1.0]))
@@ -126,4 +88,4 @@ def au_pro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float
         step = (fpr_limit - x[-1]) / (fpr[inside] - x[-1])
         x = np.append(x, fpr_limit)
         y = np.append(y, y[-1] + step * (pro[inside] - y[-1]))
-    return _trapezoid(x, y) / fpr_limit
+    return trapezoid(x, y) / fpr_limit

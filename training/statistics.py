@@ -4,7 +4,7 @@
   accumulated batch by batch in float64 (Chan's parallel update), never by stacking all features.
 - Map quantiles q_a = 0.9 and q_b = 0.995 of the raw map_st and map_ae over all pixels of the
   validation images (numpy float64: no 16M-element limit).
-- Default threshold: the largest final score over the validation images (`THRESHOLD_RULE`).
+- The default threshold's rule is the core's (`efficientad.scores.default_threshold`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.anomaly_maps import MapStatistics, anomaly_maps, imagenet_normalise, raw_maps
+from training.model import EfficientAD, MapStatistics, imagenet_normalise
 
 logger = logging.getLogger(__name__)
 
 Q_A = 0.9
 Q_B = 0.995
 MIN_STD = 1e-6
-THRESHOLD_RULE = (
-    "max of the final anomaly scores of the validation images (good images held out of train/good)"
-)
 
 
 def _batches(images: torch.Tensor, batch_size: int, desc: str):
@@ -71,60 +68,38 @@ def teacher_channel_stats(
 
 
 @torch.no_grad()
-def map_quantiles(
-    teacher: nn.Module,
-    student: nn.Module,
-    autoencoder: nn.Module,
-    teacher_mean: torch.Tensor,
-    teacher_std: torch.Tensor,
-    validation_images: torch.Tensor,
-    device: torch.device,
-    *,
-    batch_size: int = 16,
+def fit_map_quantiles(
+    model: EfficientAD, validation_images: torch.Tensor, device: torch.device, *, batch_size: int = 16
 ) -> MapStatistics:
-    """Statistics with the 0.9 and 0.995 quantiles of the raw maps over all validation pixels."""
-    stats = MapStatistics.identity(teacher_mean.shape[0])
-    stats.teacher_mean, stats.teacher_std = teacher_mean, teacher_std
+    """Set the model's 0.9 and 0.995 quantiles of the raw maps over all validation pixels; returns all its
+    statistics. The teacher channel statistics must already be in the model."""
     maps_st, maps_ae = [], []
     for batch in _batches(validation_images, batch_size, "map quantiles"):
-        map_st, map_ae = raw_maps(teacher, student, autoencoder, stats, imagenet_normalise(batch.to(device)))
-        maps_st.append(map_st.double().cpu().numpy().ravel())  # N*h*w values
+        map_st, map_ae = model.raw_maps(imagenet_normalise(batch.to(device)))  # (B, 1, h, w) each
+        maps_st.append(map_st.double().cpu().numpy().ravel())  # B*h*w values
         maps_ae.append(map_ae.double().cpu().numpy().ravel())
-    all_st, all_ae = np.concatenate(maps_st), np.concatenate(maps_ae)
-    stats.q_st_a, stats.q_st_b = (torch.tensor(float(v)) for v in np.quantile(all_st, [Q_A, Q_B]))
-    stats.q_ae_a, stats.q_ae_b = (torch.tensor(float(v)) for v in np.quantile(all_ae, [Q_A, Q_B]))
-    for name in ("st", "ae"):
-        low, high = getattr(stats, f"q_{name}_a"), getattr(stats, f"q_{name}_b")
-        if float(high) - float(low) < MIN_STD:
+    stats = model.stats
+    for name, values in (("st", np.concatenate(maps_st)), ("ae", np.concatenate(maps_ae))):
+        low, high = (float(v) for v in np.quantile(values, [Q_A, Q_B]))
+        if high - low < MIN_STD:
             logger.warning(
                 "map_%s quantiles are degenerate (q_a=%g, q_b=%g): the validation maps are constant",
-                name,
-                float(low),
-                float(high),
-            )
-            setattr(stats, f"q_{name}_b", low + MIN_STD)
-    return stats
+                name, low, high,
+            )  # fmt: skip
+            high = low + MIN_STD
+        setattr(stats, f"q_{name}_a", torch.tensor(low))
+        setattr(stats, f"q_{name}_b", torch.tensor(high))
+    model.set_statistics(stats)
+    return model.stats
 
 
 @torch.no_grad()
 def image_scores(
-    teacher: nn.Module,
-    student: nn.Module,
-    autoencoder: nn.Module,
-    stats: MapStatistics,
-    images: torch.Tensor,
-    device: torch.device,
-    *,
-    batch_size: int = 16,
+    model: EfficientAD, images: torch.Tensor, device: torch.device, *, batch_size: int = 16
 ) -> np.ndarray:
     """(N, 3, S, S) uint8 -> (N,) final anomaly scores (max of the combined map)."""
     scores = []
     for batch in _batches(images, batch_size, "scoring"):
-        _, score = anomaly_maps(teacher, student, autoencoder, stats, imagenet_normalise(batch.to(device)))
+        _, score = model(imagenet_normalise(batch.to(device)))  # (B,)
         scores.append(score.float().cpu().numpy())
     return np.concatenate(scores)
-
-
-def default_threshold(validation_scores: np.ndarray) -> float:
-    """The decision threshold by `THRESHOLD_RULE`: no held-out good image is flagged."""
-    return float(np.max(validation_scores))

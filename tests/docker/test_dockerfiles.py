@@ -304,7 +304,6 @@ def test_wheel_built_from_the_build_context_has_the_server(tmp_path: Path, pypro
         "server/cli.py",
         "efficientad/model_dir.py",
         "server/tensorrt_runner.py",
-        "export/model_dir.py",
         "export/triton.py",
     ):
         assert needed in names

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.anomaly_maps import MapStatistics, imagenet_normalise, raw_maps
 from training.checkpoint import ModelConfig, save_checkpoint
 from training.images import load_image_tensor
+from training.model import EfficientAD, MapStatistics, imagenet_normalise
 from training.networks import build_networks
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "cookie"
@@ -30,16 +30,9 @@ def fitted_statistics(teacher, student, autoencoder, image_size: int) -> MapStat
     features = teacher(images)  # (N, 384, h, w)
     mean = features.mean(dim=(0, 2, 3))
     std = features.std(dim=(0, 2, 3)) + 1e-6
-    unit = MapStatistics.identity()
-    stats = MapStatistics(
-        teacher_mean=mean,
-        teacher_std=std,
-        q_st_a=unit.q_st_a,
-        q_st_b=unit.q_st_b,
-        q_ae_a=unit.q_ae_a,
-        q_ae_b=unit.q_ae_b,
-    )
-    map_st, map_ae = raw_maps(teacher, student, autoencoder, stats, images)
+    stats = MapStatistics(**{**MapStatistics.identity().as_dict(), "teacher_mean": mean, "teacher_std": std})
+    model = EfficientAD(teacher, student, autoencoder, stats, image_size=image_size)
+    map_st, map_ae = model.raw_maps(images)  # (N, 1, h, w) each
     return MapStatistics(
         teacher_mean=mean,
         teacher_std=std,

@@ -1,4 +1,4 @@
-"""The fused module computes exactly what training's unfused reference computes."""
+"""The fused module (uint8 input, folded teacher normalisation) computes what EfficientAD computes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from export.fused import FusedEfficientAD, fold_channel_normalisation
-from training.anomaly_maps import anomaly_maps, imagenet_normalise
 from training.checkpoint import load_checkpoint
 from training.images import load_image_tensor
+from training.model import EfficientAD, imagenet_normalise
 
 from .conftest import PARITY_IMAGES, make_checkpoint
 
@@ -28,13 +28,7 @@ def test_fused_equals_unfused_reference(tmp_path, small_run, size, image_size):
     images = real_images(image_size)
     with torch.no_grad():
         fused_map, fused_score = fused(images)
-    reference_map, reference_score = anomaly_maps(
-        checkpoint.teacher,
-        checkpoint.student,
-        checkpoint.autoencoder,
-        checkpoint.stats,
-        imagenet_normalise(images),
-    )
+        reference_map, reference_score = EfficientAD.from_checkpoint(checkpoint)(imagenet_normalise(images))
     assert fused_map.shape == (3, 1, image_size, image_size) and fused_map.dtype == torch.float32
     assert fused_score.shape == (3,) and fused_score.dtype == torch.float32
     assert reference_map.abs().max() > 0.01  # non-trivial maps, so equality means something

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_server_side_modules_do_not_import_torch():
     code = (
-        "import sys; import export, export.model_dir, export.tensorrt_engine, export.cli; "
+        "import sys; import export, export.tensorrt_engine, export.cli; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'onnx' not in sys.modules and 'tensorrt' not in sys.modules; print('ok')"
     )

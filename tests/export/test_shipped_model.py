@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from efficientad.files import file_sha256
+from efficientad.scores import image_auroc
 from training.checkpoint import read_metadata
-from training.metrics import image_auroc
 from training.teacher_file import DEFAULT_TEACHER_PATH, load_teacher
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -38,8 +38,8 @@ def export_random_model(
     import torch
 
     from export.exporter import export_model
-    from training.anomaly_maps import MapStatistics
     from training.checkpoint import ModelConfig, save_checkpoint
+    from training.model import MapStatistics
     from training.networks import build_networks
 
     torch.manual_seed(seed)

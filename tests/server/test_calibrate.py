@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -21,112 +20,14 @@ import pytest
 
 from efficientad.cli import EXIT_USER_ERROR, main
 from efficientad.model_dir import ModelDirError, read_model_dir, write_threshold
-from server.calibrate import false_alarm_rate as false_alarm_rate_of
-from server.calibrate import (
-    find_images,
-    image_auroc,
-    images_needed,
-    load_image,
-    miss_rate,
-    rate_is_resolvable,
-    threshold_for_false_alarm_rate,
-)
+from efficientad.scores import false_alarm_rate as false_alarm_rate_of
+from efficientad.scores import image_auroc, labelled, miss_rate
+from server.calibrate import find_images, load_image
 from tests.server.conftest import COOKIE, REPO, TEST_THRESHOLD, reference_scores
 
 GOOD = COOKIE / "train" / "good"
 DEFECTS = COOKIE / "test" / "anomaly"
 SHIPPED_CHECKPOINT = REPO / "samples" / "models" / "cookie"
-
-
-# --- the threshold rule ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("rate", "expected"),
-    [(0.1, 9.0), (0.2, 8.0), (0.5, 5.0), (0.3, 7.0), (0.99, 1.0), (0.01, 10.0), (0.0, 10.0), (0.15, 9.0)],
-)
-def test_threshold_is_the_k_th_smallest_good_score(rate: float, expected: float) -> None:
-    scores = [7.0, 3.0, 10.0, 1.0, 5.0, 9.0, 2.0, 8.0, 4.0, 6.0]  # 1..10 shuffled: s_k = k
-    assert threshold_for_false_alarm_rate(scores, rate) == expected  # k = max(1, ceil(10 (1 - rate)))
-
-
-def test_threshold_needs_no_float_luck() -> None:
-    # 10 * (1 - 0.7) is 3.0000000000000004 in floats: a naive ceil would pick s_4 (20 % above, not 30 %)
-    assert threshold_for_false_alarm_rate(np.arange(1, 11), 0.7) == 3.0
-    assert threshold_for_false_alarm_rate(np.arange(1, 21), 0.95) == 1.0  # 20 * 0.05 = 1: k = 1, not 2
-    scores = np.arange(1, 101, dtype=np.float64)
-    assert threshold_for_false_alarm_rate(scores, 0.01) == 99.0  # 1 of 100 above it
-    assert threshold_for_false_alarm_rate(np.arange(1, 1001), 0.001) == 999.0
-
-
-def test_threshold_with_ties_and_a_single_image() -> None:
-    assert threshold_for_false_alarm_rate([1.0, 2.0, 2.0, 2.0], 0.5) == 2.0
-    assert threshold_for_false_alarm_rate([0.25], 0.01) == 0.25
-    assert threshold_for_false_alarm_rate([0.25], 0.99) == 0.25  # k is at least 1
-
-
-def test_threshold_is_the_smallest_score_meeting_the_rate() -> None:
-    """The defining property, checked by brute force on scores with many ties."""
-    generator = np.random.default_rng(0)
-    for count, rate in product((1, 3, 10, 37, 200), (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9)):
-        scores = generator.integers(0, 12, size=count).astype(np.float64)
-        threshold = threshold_for_false_alarm_rate(scores, rate)
-        meeting = [t for t in np.unique(scores) if np.mean(scores > t) <= rate]
-        assert threshold == min(meeting), (count, rate)
-        assert false_alarm_rate_of(scores, threshold) <= rate
-
-
-@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
-def test_threshold_refuses_rates_outside_0_to_1(rate: float) -> None:
-    with pytest.raises(ValueError, match="false-alarm rate"):
-        threshold_for_false_alarm_rate([1.0, 2.0], rate)
-
-
-def test_threshold_needs_scores() -> None:
-    with pytest.raises(ValueError, match="at least one good image"):
-        threshold_for_false_alarm_rate([], 0.01)
-
-
-def test_resolvable_means_at_least_one_over_rate_images() -> None:
-    assert rate_is_resolvable(100, 0.01) and not rate_is_resolvable(99, 0.01)
-    assert rate_is_resolvable(10, 0.1) and not rate_is_resolvable(9, 0.1)
-    assert rate_is_resolvable(34, 0.03) and not rate_is_resolvable(33, 0.03)
-    assert not rate_is_resolvable(10**6, 0.0)
-    assert images_needed(0.01) == 100 and images_needed(0.03) == 34 and images_needed(0.0) is None
-
-
-def test_false_alarm_and_miss_rates_follow_the_servers_score_above_threshold() -> None:
-    assert false_alarm_rate_of([0.1, 0.2, 0.3, 0.4], 0.3) == 0.25  # only 0.4 > 0.3
-    assert miss_rate([0.3, 0.5, 0.6, 0.2], 0.3) == 0.5  # 0.3 and 0.2 <= 0.3
-
-
-# --- the AUROC ------------------------------------------------------------------------------------------
-
-
-def test_auroc_by_hand_with_a_tie() -> None:
-    # pairs (defect, good): 0.3 beats 0.1 and 0.2 and ties 0.3 (2.5); 0.4 beats all three (3) -> 5.5 / 6
-    assert image_auroc([0.1, 0.2, 0.3], [0.3, 0.4]) == pytest.approx(5.5 / 6)
-
-
-def test_auroc_extremes_and_all_ties() -> None:
-    assert image_auroc([0.1, 0.2], [0.3, 0.4, 0.5]) == 1.0
-    assert image_auroc([0.3, 0.4, 0.5], [0.1, 0.2]) == 0.0
-    assert image_auroc([0.7, 0.7], [0.7, 0.7, 0.7]) == 0.5
-    assert image_auroc([1.0, 3.0], [2.0]) == 0.5
-
-
-def test_auroc_matches_pairwise_counting() -> None:
-    generator = np.random.default_rng(1)
-    for _ in range(20):
-        good = generator.integers(0, 6, size=generator.integers(1, 30)).astype(float)
-        defects = generator.integers(2, 9, size=generator.integers(1, 30)).astype(float)
-        wins = (defects[:, None] > good[None, :]).sum() + 0.5 * (defects[:, None] == good[None, :]).sum()
-        assert image_auroc(good, defects) == pytest.approx(wins / (good.size * defects.size))
-
-
-def test_auroc_needs_both_classes() -> None:
-    with pytest.raises(ValueError, match="at least one good and one defect"):
-        image_auroc([0.1], [])
 
 
 # --- write_threshold on a model dir (no export needed: any bytes with a matching hash) --------------------
@@ -181,14 +82,6 @@ def test_write_threshold_refuses_nan_and_reserved_details(tmp_path: Path) -> Non
         write_threshold(model_dir, float("nan"), details={})
     with pytest.raises(ValueError, match="new_threshold"):
         write_threshold(model_dir, 0.2, details={"new_threshold": 3})
-
-
-def test_export_model_dir_still_re_exports_the_core() -> None:
-    import efficientad.model_dir as core
-    import export.model_dir as alias
-
-    assert set(core.__all__) <= set(alias.__all__)
-    assert alias.write_threshold is core.write_threshold
 
 
 # --- images ---------------------------------------------------------------------------------------------
@@ -253,7 +146,9 @@ def test_calibrate_end_to_end_without_torch(small_model_dir: Path, tmp_path: Pat
     assert report["threshold"] == max(good.values())  # 10 images cannot resolve 1 %: the max
     assert report["rate_resolvable"] is False and report["observed_false_alarm_rate"] == 0.0
     assert report["miss_rate"] == miss_rate(list(defects.values()), report["threshold"])
-    assert report["auroc"] == pytest.approx(image_auroc(list(good.values()), list(defects.values())))
+    assert report["auroc"] == pytest.approx(
+        image_auroc(*labelled(list(good.values()), list(defects.values())))
+    )
     assert report["current_threshold"] == TEST_THRESHOLD
     assert report["current_false_alarm_rate"] == false_alarm_rate_of(list(good.values()), TEST_THRESHOLD)
     assert report["model_version"] == info.version and report["written"] is False

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.anomaly_maps import MapStatistics
 from training.checkpoint import (
     METADATA_FILE,
     TENSORS_FILE,
@@ -17,6 +16,7 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from training.model import MapStatistics
 from training.networks import build_networks
 
 IMAGE_SIZE = 64
@@ -69,15 +69,15 @@ def test_round_trip_loads_exactly_what_was_saved(saved) -> None:
 
 
 def test_loaded_networks_compute_the_same_maps(saved) -> None:
-    from training.anomaly_maps import anomaly_maps
+    from training.model import EfficientAD
 
     run_dir, networks, stats = saved
-    for network in networks:
-        network.eval()
+    expected = EfficientAD(*networks, stats, image_size=IMAGE_SIZE).eval()
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    expected_map, expected_score = anomaly_maps(*networks, stats, images)
     checkpoint = load_checkpoint(run_dir / TENSORS_FILE)  # the .safetensors path works too
-    got_map, got_score = anomaly_maps(*checkpoint.networks(), checkpoint.stats, images)
+    with torch.no_grad():
+        expected_map, expected_score = expected(images)
+        got_map, got_score = EfficientAD.from_checkpoint(checkpoint)(images)
     assert torch.equal(expected_map, got_map)
     assert torch.equal(expected_score, got_score)
 

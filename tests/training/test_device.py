@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from efficientad.errors import UserError
-from training.anomaly_maps import imagenet_normalise
 from training.device import autocast, cpu_flags, cpu_has_native_bf16, resolve_precision
 from training.images import load_image_tensor
+from training.model import imagenet_normalise
 from training.networks import PDN
 
 NATURAL = Path(__file__).resolve().parents[2] / "samples" / "natural"
@@ -52,27 +52,25 @@ def test_bf16_features_are_close_to_fp32() -> None:
 
 
 def test_a_bf16_training_step_gives_the_fp32_losses_closely() -> None:
+    from training.model import EfficientAD
     from training.networks import Autoencoder
-    from training.train import _LoopInputs, _train_step
+    from training.train import TrainingImages, train_step
 
     torch.manual_seed(0)
-    teacher = PDN(size="small").eval()
-    student, autoencoder = PDN(size="small", out_channels=768), Autoencoder(out_channels=384, image_size=64)
+    model = EfficientAD(
+        PDN(size="small").eval(),
+        PDN(size="small", out_channels=768),
+        Autoencoder(out_channels=384, image_size=64),
+        image_size=64,
+    )
     images = torch.stack([load_image_tensor(path, 64) for path in sorted(NATURAL.glob("*.jpg"))[:2]])
     penalty = torch.stack([load_image_tensor(path, 128) for path in sorted(NATURAL.glob("*.jpg"))[2:4]])
-    inputs = _LoopInputs.on(
-        torch.device("cpu"),
-        teacher=teacher,
-        teacher_mean=torch.zeros(384),
-        teacher_std=torch.ones(384),
-        train_images=images,
-        penalty_pool=penalty,
-    )
+    inputs = TrainingImages(train=images, penalty_pool=penalty)
     batch = images[:1].float() / 255.0  # (1, 3, 64, 64)
     losses = {}
     for precision in ("fp32", "bf16"):
         generator = torch.Generator().manual_seed(1)
-        losses[precision] = _train_step(batch, inputs, student, autoencoder, generator, precision)
+        losses[precision] = train_step(model, batch, inputs, generator, precision)
     for name, value in losses["fp32"].items():
         assert losses["bf16"][name].dtype == torch.float32, name  # losses are computed in fp32
         assert torch.isclose(losses["bf16"][name], value, rtol=0.05), (name, losses["bf16"][name], value)

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from efficientad.cli import main
 from efficientad.errors import UserError
-from training.anomaly_maps import imagenet_normalise
 from training.backbones import build_backbone
 from training.checkpoint import CheckpointError
+from training.device import resolve_precision
 from training.distill import (
     DistillationImages,
     DistillationTargets,
@@ -22,9 +22,10 @@ from training.distill import (
     distill_teacher,
     feature_statistics,
     grayscale,
-    state_paths,
+    state_path,
 )
 from training.images import DataError, list_images, load_image_tensor
+from training.model import imagenet_normalise
 from training.networks import PDN, pdn_output_size
 from training.teacher_file import load_teacher, save_teacher
 
@@ -167,7 +168,8 @@ def test_crop_distillation_runs_and_records_its_settings(tmp_path: Path) -> None
         NATURAL, tmp_path / "t.safetensors", steps=4, batch_size=2, image_size=64, crop_size=32, device="cpu"
     )
     metadata = load_teacher(out)[1]
-    assert (metadata["crop_size"], metadata["images_seen"], metadata["precision"]) == ("32", "8", "fp32")
+    native = resolve_precision("auto", torch.device("cpu"))  # bf16 on CPUs with AVX512-BF16 or AMX
+    assert (metadata["crop_size"], metadata["images_seen"], metadata["precision"]) == ("32", "8", native)
     assert metadata["aggregation"].startswith("patchcore")
     with pytest.raises(UserError, match="--crop-size"):
         distill_teacher(NATURAL, tmp_path / "u.safetensors", steps=1, image_size=64, crop_size=30)
@@ -178,10 +180,10 @@ def test_distill_resume_continues_bit_identically(tmp_path: Path) -> None:
     whole = distill_teacher(NATURAL, tmp_path / "whole.safetensors", **settings)
     split = tmp_path / "split.safetensors"
     distill_teacher(NATURAL, split, stop_after_step=3, **settings)
-    state_document, state_tensors = state_paths(split)
-    assert not split.exists() and state_document.is_file() and state_tensors.is_file()
+    state = state_path(split)
+    assert not split.exists() and sorted(p.name for p in tmp_path.iterdir()) == [state.name, whole.name]
     distill_teacher(NATURAL, split, resume=True, device="cpu")
-    assert not state_document.exists() and not state_tensors.exists()
+    assert not state.exists()
     first, first_meta = load_teacher(whole)
     second, second_meta = load_teacher(split)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
@@ -199,10 +201,13 @@ def test_distill_cli_resume_refuses_changed_settings(tmp_path: Path, capsys: pyt
     common = ["distill", str(NATURAL), "--out", str(out), "--image-size", "64", "--batch-size", "2"]
     assert main([*common, "--steps", "4", "--stop-after", "2", "--device", "cpu"]) == 0
     assert not out.exists()
-    assert main([*common, "--steps", "5", "--resume"]) == 2
-    assert "--steps 5 (the run has 4)" in capsys.readouterr().err
-    assert main(["distill", str(NATURAL), "--out", str(out), "--resume", "--device", "cpu"]) == 0
-    assert load_teacher(out)[1]["steps"] == "4"
+    assert main([*common, "--steps", "5", "--crop-size", "32", "--resume"]) == 2
+    assert "--crop-size 32 (the run has None)" in capsys.readouterr().err
+    # steps may change on resume (the one rule of training.run_state): the run is extended to 5
+    assert (
+        main(["distill", str(NATURAL), "--out", str(out), "--resume", "--steps", "5", "--device", "cpu"]) == 0
+    )
+    assert load_teacher(out)[1]["steps"] == "5"
 
 
 def test_grayscale_keeps_the_shape_and_equal_channels() -> None:
@@ -240,13 +245,13 @@ def test_sigterm_leaves_a_resumable_state(tmp_path: Path) -> None:
     finally:
         process.kill()
     assert process.returncode == 130
-    document, _ = state_paths(out)
+    document = state_path(out)
     assert document.is_file() and not out.exists()
     assert main([*command[3:], "--resume", "--stop-after", str(int(_saved_step(document)) + 1)]) == 0
     assert _saved_step(document) > 0
 
 
-def _saved_step(document: Path) -> int:
-    import json
+def _saved_step(state: Path) -> int:
+    from training.run_state import load_run_state
 
-    return json.loads(document.read_text())["step"]
+    return load_run_state(state, kind="efficientad-distill-state", what="a distillation state").step

@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from training.metrics import au_pro, image_auroc, pixel_auroc, pro_curve
+from efficientad.scores import image_auroc
+from training.metrics import au_pro, pixel_auroc, pro_curve
 
 
 def test_image_auroc_equals_sklearn_on_random_scores() -> None:

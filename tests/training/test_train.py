@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from efficientad.cli import main
 from efficientad.errors import UserError
+from efficientad.scores import DEFAULT_THRESHOLD_RULE
 from tests.training.conftest import TINY_IMAGE_SIZE, tiny_train_args
-from training.anomaly_maps import MapStatistics, imagenet_normalise, raw_maps
 from training.checkpoint import METADATA_FILE, TENSORS_FILE, file_sha256, load_checkpoint
 from training.data import load_images, scan_category
+from training.model import EfficientAD, imagenet_normalise
 from training.networks import PDN, build_networks
-from training.statistics import THRESHOLD_RULE, default_threshold, map_quantiles, teacher_channel_stats
-from training.train import STATE_FILE, STATE_TENSORS_FILE, TrainSettings, learning_rate_at, train
+from training.statistics import fit_map_quantiles, teacher_channel_stats
+from training.train import STATE_FILE, TrainSettings, learning_rate_at, load_saved_state, train
 
 
 def _metadata(run_dir: Path) -> dict:
@@ -35,7 +35,7 @@ def test_cli_run_on_cookie_writes_a_self_describing_checkpoint(tiny_run: Path, c
         "teacher_channels": 384,
         "student_channels": 768,
     }
-    assert document["threshold_rule"] == THRESHOLD_RULE
+    assert document["threshold_rule"] == DEFAULT_THRESHOLD_RULE
     assert document["threshold"] == pytest.approx(document["validation_scores"]["max"])
     assert document["teacher"]["source"] == "random" and document["teacher"]["random"] is True
     assert "tests and timing only" in document["teacher"]["note"]
@@ -53,7 +53,7 @@ def test_cli_run_on_cookie_writes_a_self_describing_checkpoint(tiny_run: Path, c
     for name in ("image_auroc", "pixel_auroc", "au_pro"):
         assert 0.0 <= overall[name] <= 1.0
     assert set(document["metrics"]["per_defect"]) == {"anomaly"}
-    assert not (tiny_run / STATE_FILE).exists() and not (tiny_run / STATE_TENSORS_FILE).exists()
+    assert not (tiny_run / STATE_FILE).exists()
 
 
 def test_trained_statistics_are_consistent_with_the_validation_image(
@@ -65,8 +65,8 @@ def test_trained_statistics_are_consistent_with_the_validation_image(
     validation = load_images(
         [cookie_dir / checkpoint.metadata["data"]["validation_images"][0]], TINY_IMAGE_SIZE
     )
-    map_st, map_ae = raw_maps(*checkpoint.networks(), stats, imagenet_normalise(validation))
     with torch.no_grad():
+        map_st, map_ae = EfficientAD.from_checkpoint(checkpoint).raw_maps(imagenet_normalise(validation))
         assert float(stats.q_st_b) == pytest.approx(np.quantile(map_st.double().numpy(), 0.995), rel=1e-4)
         assert float(stats.q_ae_a) == pytest.approx(np.quantile(map_ae.double().numpy(), 0.9), rel=1e-4)
 
@@ -76,14 +76,17 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path: Path, cookie_dir: P
     assert main(tiny_train_args(cookie_dir, interrupted, "--stop-after", "2", steps=4)) == 0
     assert "--resume" in capsys.readouterr().out
     assert not (interrupted / METADATA_FILE).exists()
-    state = json.loads((interrupted / STATE_FILE).read_text())
-    assert state["step"] == 2 and state["settings"]["steps"] == 4
-    assert any(key.startswith("optimizer.") for key in load_file(interrupted / STATE_TENSORS_FILE))
+    assert sorted(path.name for path in interrupted.iterdir()) == [STATE_FILE]  # one file
+    state = load_saved_state(interrupted)
+    assert state.step == 2 and state.document["settings"]["steps"] == 4
+    assert any(key.startswith("optimizer.") for key in state.tensors)
 
     assert main(["train", str(cookie_dir), "--out", str(interrupted)]) == 2  # neither --resume nor --force
     assert "unfinished run" in capsys.readouterr().err
-    assert main(["train", str(cookie_dir), "--out", str(interrupted), "--resume", "--steps", "9"]) == 2
-    assert "--steps 9 (the run has 4)" in capsys.readouterr().err
+    assert main(["train", str(cookie_dir), "--out", str(interrupted), "--resume", "--batch-size", "2"]) == 2
+    assert "--batch-size 2 (the run has 1)" in capsys.readouterr().err
+    assert main(["train", str(cookie_dir), "--out", str(interrupted), "--resume", "--steps", "1"]) == 2
+    assert "below the step the run reached (2)" in capsys.readouterr().err
 
     assert main(["train", str(cookie_dir), "--out", str(interrupted), "--resume", "--device", "cpu"]) == 0
     assert _metadata(interrupted)["training"]["steps_completed"] == 4
@@ -110,11 +113,9 @@ def test_periodic_states_are_saved(tmp_path: Path, cookie_dir: Path, natural_dir
         save_every=2,
         penalty_dir=str(natural_dir),
     )
-    with caplog.at_level(logging.INFO, logger="training.train"):
+    with caplog.at_level(logging.INFO, logger="training.run_state"):
         train(cookie_dir, tmp_path / "run", settings, stop_after_step=3)
-    saved_at = [
-        record.args[0] for record in caplog.records if record.msg.startswith("saved the training state")
-    ]
+    saved_at = [record.args[0] for record in caplog.records if record.msg.startswith("saved the state")]
     assert saved_at == [2, 3]
 
 
@@ -210,16 +211,14 @@ def test_teacher_statistics_streamed_equal_the_stacked_ones(cookie_dir: Path) ->
 
 def test_map_quantiles_cover_all_validation_pixels(cookie_dir: Path) -> None:
     torch.manual_seed(0)
-    networks = build_networks("small", TINY_IMAGE_SIZE)
-    for network in networks:
-        network.eval()
+    model = EfficientAD(*build_networks("small", TINY_IMAGE_SIZE), image_size=TINY_IMAGE_SIZE).eval()
     images = load_images(scan_category(cookie_dir).train_images[:5], TINY_IMAGE_SIZE)
-    mean, std = torch.zeros(384), torch.ones(384)
-    stats = map_quantiles(*networks, mean, std, images, torch.device("cpu"), batch_size=2)
-    map_st, map_ae = raw_maps(*networks, MapStatistics.identity(), imagenet_normalise(images))
+    stats = fit_map_quantiles(model, images, torch.device("cpu"), batch_size=2)
+    assert torch.equal(model.map_head.q_st_b, stats.q_st_b)  # the model's buffers hold them
+    with torch.no_grad():
+        map_st, map_ae = model.raw_maps(imagenet_normalise(images))
     all_st, all_ae = map_st.detach().double().numpy(), map_ae.detach().double().numpy()
     assert float(stats.q_st_a) == pytest.approx(np.quantile(all_st, 0.9), rel=1e-5)
     assert float(stats.q_st_b) == pytest.approx(np.quantile(all_st, 0.995), rel=1e-5)
     assert float(stats.q_ae_a) == pytest.approx(np.quantile(all_ae, 0.9), rel=1e-5)
     assert float(stats.q_ae_b) == pytest.approx(np.quantile(all_ae, 0.995), rel=1e-5)
-    assert default_threshold(np.array([0.2, 0.7, 0.4])) == 0.7
