@@ -45,7 +45,7 @@ from training.checkpoint import file_sha256, versions
 from training.device import autocast, resolve_device, resolve_precision
 from training.images import list_images, load_rgb, to_uint8_tensor
 from training.model import imagenet_normalise
-from training.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, ModelSize
+from training.networks import PDN, PDN_BORDER_CELLS, PDN_STRIDE, TEACHER_CHANNELS, ModelSize
 from training.run_state import RunState, load_run_state, resumed_settings, save_run_state
 from training.signals import sigterm_as_interrupt
 from training.teacher_file import save_teacher
@@ -59,6 +59,7 @@ CONTENT_FINGERPRINT_LIMIT = 20_000  # larger folders are fingerprinted by file n
 LOSS_WINDOW = 100  # initial and final loss: means over the first and last this many steps (<= steps/4)
 IMAGE_CACHE_LIMIT = 20_000  # folders up to this many images keep their decoded PDN-size images in memory
 STATE_KIND = "efficientad-distill-state"
+MIN_CROP = 48  # px: 12 cells, of which the 4 x 4 interior (PDN_BORDER_CELLS off each side) carries the loss
 
 
 @dataclass
@@ -85,12 +86,14 @@ class DistillSettings:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.image_size < 32 or self.image_size % PDN_STRIDE:
-            raise UserError(f"--image-size must be a multiple of 4 and at least 32, got {self.image_size}")
-        crop = self.crop_size
-        if crop is not None and (crop < 32 or crop % PDN_STRIDE or crop > self.image_size):
+        if self.image_size < MIN_CROP or self.image_size % PDN_STRIDE:
             raise UserError(
-                f"--crop-size must be a multiple of 4, at least 32 and at most --image-size "
+                f"--image-size must be a multiple of 4 and at least {MIN_CROP}, got {self.image_size}"
+            )
+        crop = self.crop_size
+        if crop is not None and (crop < MIN_CROP or crop % PDN_STRIDE or crop > self.image_size):
+            raise UserError(
+                f"--crop-size must be a multiple of 4, at least {MIN_CROP} and at most --image-size "
                 f"({self.image_size}), got {crop}"
             )
         if self.save_every < 0:
@@ -283,11 +286,18 @@ def distill_step(
     device: torch.device,
     precision: str,
 ) -> torch.Tensor:
-    """One Adam step of the PDN on (B, 3, c, c) uint8 images towards (B, 384, c/4, c/4) targets; the loss."""
+    """One Adam step of the PDN on (B, 3, c, c) uint8 images towards (B, 384, c/4, c/4) targets; the loss.
+
+    The loss covers the interior cells only: the teacher is used without padding (training, serving), and
+    the unpadded PDN's output is exactly the padded one without its `PDN_BORDER_CELLS` border, whose cells
+    see the zero padding. Fitting the border would spend the PDN's capacity on cells never used.
+    """
+    border = PDN_BORDER_CELLS
+    inside = (..., slice(border, -border), slice(border, -border))
     with autocast(device, precision):
         # the PDN sees ImageNet-normalised images, as in training and serving
         predictions = teacher(imagenet_normalise(images.to(device)))  # (B, 384, c/4, c/4)
-    loss = F.mse_loss(predictions.float(), targets.to(device))  # fp32
+    loss = F.mse_loss(predictions[inside].float(), targets.to(device)[inside])  # fp32, (c/4 - 8)^2 cells
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -455,6 +465,7 @@ def distill_teacher(
         "backbone_weights": extractor.weights_path.name,
         "backbone_weights_sha256": file_sha256(extractor.weights_path),
         "aggregation": "patchcore-3x3-1024-384",
+        "loss_cells": f"interior (the unpadded PDN's grid: {PDN_BORDER_CELLS} border cells left out)",
         "image_size": str(settings.image_size),
         "crop_size": str(settings.crop),
         "steps": str(settings.steps),

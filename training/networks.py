@@ -19,6 +19,9 @@ STUDENT_CHANNELS = 2 * TEACHER_CHANNELS  # first half vs the teacher, second hal
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PDN_STRIDE = 4  # input pixels per output cell of the padded PDN (its 64x64 grid at 256 px)
+# Cells on each side of the padded PDN's grid that the unpadded PDN (training and serving) does not have:
+# the unpadded output equals the padded one without this border (56 = 64 - 2 * 4 at 256 px).
+PDN_BORDER_CELLS = 4
 
 
 class PDN(nn.Module):

@@ -3,6 +3,7 @@ teacher file that loads into a working PDN; teacher files fail loudly when missi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from training.distill import (
     DistillationImages,
     DistillationTargets,
     crop_window,
+    distill_step,
     distill_teacher,
     feature_statistics,
     grayscale,
@@ -26,7 +28,7 @@ from training.distill import (
 )
 from training.images import DataError, list_images, load_image_tensor
 from training.model import imagenet_normalise
-from training.networks import PDN, pdn_output_size
+from training.networks import PDN, PDN_BORDER_CELLS, pdn_output_size
 from training.teacher_file import load_teacher, save_teacher
 
 NATURAL = Path(__file__).resolve().parents[2] / "samples" / "natural"
@@ -53,8 +55,30 @@ def distillation_error(teacher: PDN) -> float:
     targets.set_statistics(mean, std)
     pdn_images = torch.stack([images.pdn_image(index) for index in range(len(paths))])
     wanted = torch.stack([targets.get(index, gray=False) for index in range(len(paths))])
+    inside = (..., slice(PDN_BORDER_CELLS, -PDN_BORDER_CELLS), slice(PDN_BORDER_CELLS, -PDN_BORDER_CELLS))
+    with torch.no_grad():  # the interior cells: the unpadded PDN's grid, the one used in training and serving
+        return F.mse_loss(teacher(imagenet_normalise(pdn_images))[inside], wanted[inside]).item()
+
+
+def test_the_loss_leaves_out_the_border_cells_that_the_unpadded_teacher_does_not_have() -> None:
+    torch.manual_seed(0)
+    padded, unpadded = PDN(size="small", padding=True), PDN(size="small")
+    unpadded.load_state_dict(padded.state_dict())
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        return F.mse_loss(teacher(imagenet_normalise(pdn_images)), wanted).item()
+        full, inner = padded(imagenet_normalise(images)), unpadded(imagenet_normalise(images))
+    border = PDN_BORDER_CELLS
+    assert torch.allclose(full[..., border:-border, border:-border], inner, atol=1e-6)  # (2, 384, 8, 8)
+    targets = torch.zeros_like(full)  # (2, 384, 16, 16)
+    wild = targets.clone()
+    wild[..., :border, :] = 1e3  # targets on border cells must not matter
+    losses = []
+    for wanted in (targets, wild):
+        teacher = copy.deepcopy(padded)
+        optimizer = torch.optim.SGD(teacher.parameters(), lr=0.0)
+        losses.append(distill_step(teacher, optimizer, images, wanted, torch.device("cpu"), "fp32").item())
+    assert losses[0] == losses[1]
+    assert losses[0] == pytest.approx(F.mse_loss(inner, torch.zeros_like(inner)).item(), rel=1e-5)
 
 
 def padded_copy(teacher: PDN) -> PDN:
@@ -91,7 +115,7 @@ def test_teacher_file_loads_into_an_unpadded_pdn(distilled: Path) -> None:
 
 
 def test_distillation_is_seeded(tmp_path: Path) -> None:
-    settings = dict(steps=2, batch_size=2, image_size=32, device="cpu")
+    settings = dict(steps=2, batch_size=2, image_size=48, device="cpu")
     first = distill_teacher(NATURAL, tmp_path / "a.safetensors", seed=3, **settings)
     second = distill_teacher(NATURAL, tmp_path / "b.safetensors", seed=3, **settings)
     # the process-wide random state moved on between the runs: equal weights mean the seed set it all
@@ -165,18 +189,18 @@ def test_crops_see_the_matching_window_of_the_whole_image() -> None:
 
 def test_crop_distillation_runs_and_records_its_settings(tmp_path: Path) -> None:
     out = distill_teacher(
-        NATURAL, tmp_path / "t.safetensors", steps=4, batch_size=2, image_size=64, crop_size=32, device="cpu"
+        NATURAL, tmp_path / "t.safetensors", steps=4, batch_size=2, image_size=64, crop_size=48, device="cpu"
     )
     metadata = load_teacher(out)[1]
     native = resolve_precision("auto", torch.device("cpu"))  # bf16 on CPUs with AVX512-BF16 or AMX
-    assert (metadata["crop_size"], metadata["images_seen"], metadata["precision"]) == ("32", "8", native)
+    assert (metadata["crop_size"], metadata["images_seen"], metadata["precision"]) == ("48", "8", native)
     assert metadata["aggregation"].startswith("patchcore")
     with pytest.raises(UserError, match="--crop-size"):
         distill_teacher(NATURAL, tmp_path / "u.safetensors", steps=1, image_size=64, crop_size=30)
 
 
 def test_distill_resume_continues_bit_identically(tmp_path: Path) -> None:
-    settings = dict(steps=6, batch_size=2, image_size=64, crop_size=32, device="cpu", save_every=0)
+    settings = dict(steps=6, batch_size=2, image_size=64, crop_size=48, device="cpu", save_every=0)
     whole = distill_teacher(NATURAL, tmp_path / "whole.safetensors", **settings)
     split = tmp_path / "split.safetensors"
     distill_teacher(NATURAL, split, stop_after_step=3, **settings)
@@ -201,8 +225,8 @@ def test_distill_cli_resume_refuses_changed_settings(tmp_path: Path, capsys: pyt
     common = ["distill", str(NATURAL), "--out", str(out), "--image-size", "64", "--batch-size", "2"]
     assert main([*common, "--steps", "4", "--stop-after", "2", "--device", "cpu"]) == 0
     assert not out.exists()
-    assert main([*common, "--steps", "5", "--crop-size", "32", "--resume"]) == 2
-    assert "--crop-size 32 (the run has None)" in capsys.readouterr().err
+    assert main([*common, "--steps", "5", "--crop-size", "48", "--resume"]) == 2
+    assert "--crop-size 48 (the run has None)" in capsys.readouterr().err
     # steps may change on resume (the one rule of training.run_state): the run is extended to 5
     assert (
         main(["distill", str(NATURAL), "--out", str(out), "--resume", "--steps", "5", "--device", "cpu"]) == 0
@@ -227,7 +251,7 @@ def test_sigterm_leaves_a_resumable_state(tmp_path: Path) -> None:
 
     out = tmp_path / "t.safetensors"
     command = [sys.executable, "-m", "efficientad", "distill", str(NATURAL), "--out", str(out)]
-    settings = ["--image-size", "64", "--crop-size", "32", "--batch-size", "2", "--device", "cpu"]
+    settings = ["--image-size", "64", "--crop-size", "48", "--batch-size", "2", "--device", "cpu"]
     process = subprocess.Popen(
         [*command, *settings, "--steps", "100000", "--save-every", "0"],
         stdout=subprocess.PIPE,
