@@ -26,7 +26,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ class TrainingSpeedRow:
     device: str  # e.g. "NVIDIA H200" or "AMD EPYC 7B13 (2 cores)"
     precision: str  # "fp32" or "bf16"
     image_size: int  # S: the PDN's input side (the backbone sees 2S)
-    crop: int | None  # distill: side of the PDN's random crops (None: whole images)
+    crop: int | None  # distill: side of the PDN's random crops; train: of the penalty crops (None: whole)
     batch_size: int
     median_s: float  # seconds per step
     p90_s: float
@@ -78,6 +78,8 @@ class TrainingSpeedRow:
     steps: int  # timed steps
     warmup: int  # untimed steps before them
     notes: str = ""
+    gflop_per_step: float | None = None  # counted by torch's FlopCounterMode on one step
+    gflop_per_s: float | None = None  # gflop_per_step / median_s
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,13 +199,21 @@ def backbone_step(
 
 
 def train_step(
-    device: torch.device, precision: str, *, image_size: int, batch_size: int, penalty: bool, seed: int = 0
+    device: torch.device,
+    precision: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    penalty: bool,
+    penalty_crop: int | None = None,
+    seed: int = 0,
 ) -> Callable[[], None]:
     """One training step (student + autoencoder against a frozen teacher) on random images, through the
-    training loop's own functions: `TrainingImages.draw_batch`, `train_step`, `optimizer_step`."""
+    training loop's own functions: `TrainingImages.draw_batch`, `train_step`, `optimizer_step`, with the
+    teacher's features of the (unaugmented) training images cached as the loop caches them."""
     from training.model import EfficientAD
     from training.networks import PDN, Autoencoder
-    from training.train import TrainingImages, new_optimizer, optimizer_step
+    from training.train import TrainingImages, cached_teacher_features, new_optimizer, optimizer_step
     from training.train import train_step as training_step
 
     generator = torch.Generator().manual_seed(seed)
@@ -227,13 +237,26 @@ def train_step(
         )
         if penalty
         else None,  # (M, 3, 2S, 2S)
+        penalty_crop=penalty_crop,
     ).to(device)
+    images = replace(images, teacher_features=cached_teacher_features(model, images.train, device))
 
     def step() -> None:
-        batch = images.draw_batch(batch_size, image_size, generator)  # (B, 3, S, S)
-        optimizer_step(optimizer, training_step(model, batch, images, generator, precision))
+        batch, teacher_st = images.draw_batch(batch_size, image_size, generator)  # (B, 3, S, S)
+        optimizer_step(optimizer, training_step(model, batch, images, generator, precision, teacher_st))
 
     return step
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one call of `step` (torch's FlopCounterMode: convolutions and matrix
+    products, forward and backward; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return int(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------- all cases
@@ -279,7 +302,12 @@ def _make_step(case: _Case, device: torch.device, precision: str, *, penalty: bo
     if case.stage == "backbone":
         return backbone_step(device, precision, image_size=case.image_size, batch_size=case.batch_size)
     return train_step(
-        device, precision, image_size=case.image_size, batch_size=case.batch_size, penalty=penalty
+        device,
+        precision,
+        image_size=case.image_size,
+        batch_size=case.batch_size,
+        penalty=penalty,
+        penalty_crop=case.crop,
     )
 
 
@@ -287,6 +315,7 @@ def time_training(
     device: torch.device | str = "cpu",
     *,
     train_sizes: Sequence[int] = (128, 256),
+    train_penalty_crops: Sequence[tuple[int, int]] = ((128, 64),),
     train_batch: int = 1,
     distill_cases: Sequence[tuple[int, int | None]] = ((256, None), (256, 128), (128, 96)),
     distill_batch: int = 8,
@@ -321,6 +350,8 @@ def time_training(
         sizes = sorted({size for size, _ in distill_cases})
         cases += [_Case("backbone", size, None, backbone_batch, BACKBONE_NOTE) for size in sizes]
     cases += [_Case("train", size, None, train_batch, train_note) for size in train_sizes]
+    if penalty:  # smaller penalty crops (--penalty-crop, the fast recipe)
+        cases += [_Case("train", size, crop, train_batch, train_note) for size, crop in train_penalty_crops]
     cudnn_benchmark = torch.backends.cudnn.benchmark
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes, as training.train sets it
@@ -330,6 +361,7 @@ def time_training(
             label = case.label(precision)
             try:
                 step = _make_step(case, device, precision, penalty=penalty)
+                flops = count_flops(step)  # also the first warm-up step
                 seconds = time_steps(step, device, warmup=warmup, steps=steps, budget_s=budget_s)
                 del step  # free the case's networks before the next case builds its own
             except Exception as error:  # e.g. out of memory, or the backbone's weights missing
@@ -340,6 +372,7 @@ def time_training(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             row = _row(case, name, precision, seconds, warmup)
+            row = replace(row, gflop_per_step=flops / 1e9, gflop_per_s=flops / 1e9 / row.median_s)
             logger.info(
                 "training speed: %s: %.4f s/step, %.1f images/s", label, row.median_s, row.images_per_s
             )

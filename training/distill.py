@@ -296,7 +296,10 @@ def distill_step(
     inside = (..., slice(border, -border), slice(border, -border))
     with autocast(device, precision):
         # the PDN sees ImageNet-normalised images, as in training and serving
-        predictions = teacher(imagenet_normalise(images.to(device)))  # (B, 384, c/4, c/4)
+        pixels = imagenet_normalise(images.to(device))  # (B, 3, c, c)
+        if device.type == "cpu":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        predictions = teacher(pixels)  # (B, 384, c/4, c/4)
     loss = F.mse_loss(predictions[inside].float(), targets.to(device)[inside])  # fp32, (c/4 - 8)^2 cells
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -383,6 +386,8 @@ def distill_teacher(
         images, extractor, device, precision=precision, cache_bytes=settings.cache_gb * 2**30
     )
     teacher = PDN(size=settings.size, out_channels=TEACHER_CHANNELS, padding=True).to(device).train()
+    if device.type == "cpu":  # oneDNN's convolutions: ~10% faster per step in NHWC (measured, bf16 and fp32)
+        teacher = teacher.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(
         teacher.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )

@@ -22,12 +22,14 @@ BATCH = 2
 
 @pytest.fixture(scope="module")
 def section() -> TrainingSpeed:
-    """One tiny run for the module: 64 px images, 32 px distill crops, batch 2, 1 warm-up + 2 timed steps."""
+    """One tiny run for the module: 64 px images, 48 px distill and penalty crops, batch 2, 1 warm-up + 2
+    timed steps."""
     return time_training(
         "cpu",
         train_sizes=[64],
+        train_penalty_crops=[(64, 48)],
         train_batch=BATCH,
-        distill_cases=[(64, 32)],
+        distill_cases=[(64, 48)],
         distill_batch=BATCH,
         backbone=True,
         backbone_batch=1,
@@ -56,8 +58,10 @@ def _report(training: dict[str, Any] | None) -> dict[str, Any]:
 def test_distill_backbone_and_train_rows_have_positive_consistent_times(section: TrainingSpeed) -> None:
     native = resolve_precision("auto", torch.device("cpu")) == "bf16"
     precisions = ["fp32", "bf16"] if native else ["fp32"]
-    assert [(row.stage, row.precision) for row in section.rows] == [
-        (stage, precision) for stage in ("distill", "backbone", "train") for precision in precisions
+    assert [(row.stage, row.crop, row.precision) for row in section.rows] == [
+        (stage, crop, precision)
+        for stage, crop in (("distill", 48), ("backbone", None), ("train", None), ("train", 48))
+        for precision in precisions
     ], section.notes
     for row in section.rows:
         assert row.device == section.device and "cores" in row.device
@@ -66,10 +70,14 @@ def test_distill_backbone_and_train_rows_have_positive_consistent_times(section:
         assert math.isfinite(row.p90_s) and row.p90_s >= row.median_s
         assert row.steps_per_s == pytest.approx(1.0 / row.median_s)
         assert row.images_per_s == pytest.approx(row.batch_size / row.median_s)
-    by_stage = {row.stage: row for row in section.rows if row.precision == "fp32"}
-    assert by_stage["distill"].crop == 32 and by_stage["distill"].batch_size == BATCH
+        assert row.gflop_per_step > 0 and row.gflop_per_s == pytest.approx(row.gflop_per_step / row.median_s)
+    fp32 = [row for row in section.rows if row.precision == "fp32"]
+    by_stage = {row.stage: row for row in fp32 if row.stage != "train" or row.crop is None}
+    assert by_stage["distill"].batch_size == BATCH
     assert by_stage["train"].crop is None and by_stage["train"].batch_size == BATCH
     assert by_stage["backbone"].batch_size == 1
+    smaller_penalty = next(row for row in section.rows if row.stage == "train" and row.crop == 48)
+    assert smaller_penalty.gflop_per_step < by_stage["train"].gflop_per_step  # less work per step
     assert "cache" in by_stage["distill"].notes and "random" in " ".join(section.notes)
     bf16_notes = [note for note in section.notes if note.startswith("bf16 skipped")]
     assert bool(bf16_notes) is not native
@@ -92,7 +100,7 @@ def test_report_carries_the_rows_and_renders_the_training_table(section: Trainin
         table.append(line)
     assert len(table) == 2 + len(section.rows)
     assert {line.count("|") for line in table} == {len(TRAINING_HEADER) + 1}
-    assert table[2].startswith(f"| distill | fp32 | 64 | 32 | {BATCH} | ")
+    assert table[2].startswith(f"| distill | fp32 | 64 | 48 | {BATCH} | ")
     assert any(line.startswith(f"| train | fp32 | 64 | - | {BATCH} | ") for line in table)
     assert any(line.startswith("| backbone | fp32 | 64 | - | 1 | ") for line in table)
     assert any(line.startswith("- distill: PDN step only") for line in lines)
