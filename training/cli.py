@@ -178,6 +178,37 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     evaluate.set_defaults(handler=evaluate_command)
 
+    check = subcommands.add_parser(
+        "teacher-check",
+        help="nearest-neighbour image AUROC of a teacher's features and of its distillation target",
+        description="How well the teacher's features, and the backbone target it was distilled from, tell "
+        "DATA_DIR/test's defects apart without training: a nearest-neighbour detector (memory: patches of "
+        "DATA_DIR/train/good) on each, image AUROC side by side.",
+    )
+    check.add_argument("teacher", metavar="TEACHER", help="teacher .safetensors, or `random` (a random PDN)")
+    check.add_argument(
+        "data_dir", type=Path, metavar="DATA_DIR", help="MVTec layout: train/good, test/<defect>"
+    )
+    check.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON"
+    )
+    check.add_argument(
+        "--image-size", type=int, default=None, help="PDN image size (default: the teacher's; 256 for random)"
+    )
+    check.add_argument("--memory-images", type=int, default=300, help="good images in the memory (300)")
+    check.add_argument("--memory-patches", type=int, default=40_000, help="patch vectors kept (40000)")
+    check.add_argument(
+        "--target",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="targets to measure beside the teacher: <backbone>[-s8s16...][-x<scale>], e.g. lite0 "
+        "lite0-s8s16 lite2 lite0-x1 (default: the backbone the teacher file names)",
+    )
+    check.add_argument("--seed", type=int, default=0, help="seed for the memory images and patches (0)")
+    check.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    check.set_defaults(handler=teacher_check_command)
+
 
 DISTILL_FLAGS = (
     "backbone",
@@ -257,6 +288,27 @@ def evaluate_command(args: argparse.Namespace) -> int:
             f"({result['threshold_detection_rate']:.1%}), good flagged {result['good_flagged']} of "
             f"{labels['images'] - labels['anomalous_images']} ({result['threshold_false_alarm_rate']:.1%})"
         )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+def teacher_check_command(args: argparse.Namespace) -> int:
+    from training.teacher_check import format_table, teacher_check
+
+    result = teacher_check(
+        args.teacher,
+        args.data_dir,
+        targets=args.target,
+        image_size=args.image_size,
+        memory_images=args.memory_images,
+        memory_patches=args.memory_patches,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(format_table(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

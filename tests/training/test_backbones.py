@@ -1,5 +1,6 @@
-"""Backbones: the bundled EfficientNet-Lite0 weights really load; feature shapes match the padded PDN grid;
-WideResNet-101-2 weights round-trip through the loader from .safetensors and torchvision-style .pth files."""
+"""Backbones: the bundled EfficientNet-Lite0 and -Lite2 weights really load; feature shapes match the padded
+PDN grid; the target variants (stages, input scale) and their names; WideResNet-101-2 weights
+round-trip through the loader from .safetensors and torchvision-style .pth files."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from training.backbones import (
+    TARGET_VARIANTS,
     BackboneError,
+    BackboneTarget,
     FeatureAggregator,
     WideResNet101Trunk,
     build_backbone,
+    load_efficientnet_lite,
     load_efficientnet_lite0,
 )
 from training.images import load_image_tensor, load_rgb
@@ -47,9 +51,13 @@ def center_crop(path: Path, size: int = 224) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
 
 
-def classify(paths: list[Path]) -> torch.Tensor:
-    network = load_efficientnet_lite0(224)
-    images = torch.stack([center_crop(path) for path in paths])
+def classify(paths: list[Path], variant: str = "efficientnet-lite0", size: int = 224) -> torch.Tensor:
+    network = (
+        load_efficientnet_lite0(size)
+        if variant == "efficientnet-lite0"
+        else load_efficientnet_lite(variant, size)
+    )
+    images = torch.stack([center_crop(path, size) for path in paths])
     with torch.no_grad():
         return network((images - 0.5) / 0.5)  # (N, 1000) logits
 
@@ -63,6 +71,14 @@ def test_efficientnet_lite0_weights_recognise_the_sample_images() -> None:
     # Random weights would score 0 of 8; these tiny (160 px) samples give 5/8 top-1 and 7/8 top-5.
     assert top1 >= 4, f"top-1 {top1}/8"
     assert top5 >= 6, f"top-5 {top5}/8"
+
+
+def test_efficientnet_lite2_weights_recognise_the_sample_images() -> None:
+    names = sorted(SAMPLE_CLASSES)
+    logits = classify([NATURAL / name for name in names], "efficientnet-lite2", 260)  # its native size
+    truth = torch.tensor([SAMPLE_CLASSES[name] for name in names])
+    assert (logits.argmax(1) == truth).sum().item() >= 4  # 5 of 8 measured
+    assert (logits.topk(5, dim=1).indices == truth[:, None]).any(1).sum().item() >= 7  # 8 of 8 measured
 
 
 @pytest.mark.skipif(not SHARED_NATURAL.is_dir(), reason="../shared/data/natural is not present")
@@ -204,3 +220,38 @@ def test_distillation_targets_have_full_rank_and_no_twin_channels() -> None:
     correlation = torch.corrcoef(samples.T)
     correlation.fill_diagonal_(0)
     assert correlation.abs().max().item() < 0.99  # pooling channels up made 96 twins with |corr| > 0.999
+
+
+def test_target_names_parse_and_print_canonically() -> None:
+    assert BackboneTarget.parse("lite0") == BackboneTarget("efficientnet-lite0")
+    assert BackboneTarget.parse("efficientnet-lite0").name == "lite0"
+    assert BackboneTarget.parse("lite0-s32s16s8").name == "lite0"  # the default stages, in any order
+    assert BackboneTarget.parse("LITE2-s16s8-x1.5") == BackboneTarget("efficientnet-lite2", (16, 8), 1.5)
+    assert BackboneTarget.parse("lite2-s16s8-x1.5").name == "lite2-s8s16-x1.5"
+    assert BackboneTarget.parse("wrn101-s16").name == "wrn101-s16"
+    assert [BackboneTarget.parse(name).name for name in TARGET_VARIANTS] == list(TARGET_VARIANTS)
+    for bad in ("lite3", "lite0-x", "lite0-s", "lite0-x1-s8", ""):
+        with pytest.raises(BackboneError, match="unknown target"):
+            BackboneTarget.parse(bad)
+
+
+def test_target_variants_choose_stages_and_input_scale() -> None:
+    image = center_crop(NATURAL / "n04599235_wool.jpg", 128)[None]  # (1, 3, 128, 128)
+    default = build_backbone("efficientnet-lite0", image_size=64)
+    same = BackboneTarget.parse("lite0-s16s32s8").build(image_size=64)
+    paper_stages = BackboneTarget.parse("lite0-s8s16").build(image_size=64)
+    half_scale = BackboneTarget.parse("lite0-x1").build(image_size=64)
+    lite2 = BackboneTarget.parse("lite2-s8s16").build(image_size=64)
+    assert default.strides == same.strides == (8, 16, 32) and paper_stages.strides == (8, 16)
+    assert len(paper_stages.blocks) == 11 < len(default.blocks) == 16  # stops after the stride-16 stage
+    assert (default.input_size, half_scale.input_size, lite2.input_size) == (128, 64, 128)
+    with torch.no_grad():
+        outputs = [backbone(image) for backbone in (default, same, paper_stages, half_scale, lite2)]
+    assert all(output.shape == (1, 384, 16, 16) for output in outputs)  # one grid: the padded PDN's
+    assert torch.equal(outputs[0], outputs[1])
+    for other in outputs[2:]:
+        assert (other - outputs[0]).abs().mean() > 0.05 * outputs[0].abs().mean()
+    with pytest.raises(BackboneError, match="cannot aggregate strides"):
+        build_backbone("efficientnet-lite2", image_size=64, strides=(8, 64))
+    with pytest.raises(BackboneError, match="input scale must be between"):
+        build_backbone("efficientnet-lite0", image_size=64, input_scale=0.1)
