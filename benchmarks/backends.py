@@ -128,7 +128,7 @@ def onnxruntime_cuda(model: BenchModel) -> list[BenchBackend]:
 
 def tensorrt_available() -> bool:
     try:
-        from export.tensorrt_engine import tensorrt_available as available
+        from server.tensorrt_runner import tensorrt_available as available
     except ImportError:
         return False
     try:

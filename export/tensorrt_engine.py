@@ -1,9 +1,8 @@
 """TensorRT 10: build an FP16 engine from `model.onnx` and check it against ONNX Runtime.
 
 Torch-free (numpy, tensorrt, onnxruntime). Nothing here imports tensorrt or cuda-python at import time.
-Running an engine is `server.tensorrt_runner` (the server never imports the exporter); its names
-(`TensorRTRunner`, `tensorrt_available`, `gpu_name`, `tensorrt_version`, the errors, ...) are re-exported
-here so that `from export.tensorrt_engine import ...` keeps working.
+Running an engine is `server.tensorrt_runner` (the server never imports the exporter); the build's parity
+check runs the new engine through it. Import the runner's names from there, not from here.
 
     EngineBuilder   model.onnx -> serialised plan (explicit batch, profile 1..max_batch on `image`, FP16,
                     the `/map_head/` layers kept in FP32, timing cache on disk)
@@ -27,18 +26,13 @@ import numpy as np
 from efficientad.errors import UserError
 from efficientad.files import file_sha256
 from efficientad.model_dir import INPUT_NAME, OUTPUT_NAMES, engine_filename, read_model_dir
-from server.tensorrt_runner import (  # re-exported: the runner half of this module's former contents
-    MIN_TENSORRT_MAJOR,
-    Cuda,
-    CudaStream,
-    DeviceBuffer,
-    PinnedBuffer,
+from server.tensorrt_runner import (  # running an engine, for the build's parity check
     TensorRTError,
     TensorRTRunner,
     TensorRTUnavailable,
-    _import_tensorrt,
-    _make_logger,
     gpu_name,
+    import_tensorrt,
+    make_logger,
     tensorrt_available,
     tensorrt_version,
 )
@@ -46,26 +40,15 @@ from server.tensorrt_runner import (  # re-exported: the runner half of this mod
 __all__ = [
     "FP32_LAYER_SCOPES",
     "MAP_RELATIVE_TOLERANCE",
-    "MIN_TENSORRT_MAJOR",
     "PARITY_IMAGES_FILE",
     "SCORE_RELATIVE_TOLERANCE",
     "TIMING_CACHE_FILE",
     "WEAKLY_TYPED_TENSORRT_MAJOR",
-    "Cuda",
-    "CudaStream",
-    "DeviceBuffer",
     "EngineBuilder",
     "EngineParityError",
-    "PinnedBuffer",
-    "TensorRTError",
-    "TensorRTRunner",
-    "TensorRTUnavailable",
     "build_engine",
     "check_engine_parity",
-    "gpu_name",
     "load_parity_images",
-    "tensorrt_available",
-    "tensorrt_version",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,7 +103,7 @@ class EngineBuilder:
         self.workspace_bytes = int(workspace_gb * (1 << 30))
         self.timing_cache = None if timing_cache is None else Path(timing_cache)
         self.fp32_layer_scopes = fp32_layer_scopes
-        self.trt = _import_tensorrt()
+        self.trt = import_tensorrt()
         major = int(str(self.trt.__version__).split(".")[0])
         if fp16 and major > WEAKLY_TYPED_TENSORRT_MAJOR:
             raise TensorRTUnavailable(
@@ -128,7 +111,7 @@ class EngineBuilder:
                 "networks only): for an FP16 engine install TensorRT 10 (pip install 'tensorrt>=10,<11'), "
                 "or build FP32 with --no-fp16"
             )
-        self.trt_logger = _make_logger(self.trt)
+        self.trt_logger = make_logger(self.trt)
 
     def _parse(self, builder: Any) -> tuple[Any, Any]:
         trt = self.trt
@@ -314,7 +297,7 @@ def build_engine(
     `MODEL_DIR/engines/` only if the check passes. A JSON file beside it records the build and the check.
     """
     info = read_model_dir(model_dir)
-    _import_tensorrt()
+    import_tensorrt()
     if not tensorrt_available():
         raise TensorRTUnavailable("no CUDA GPU is visible: TensorRT engines are built on the GPU that serves")
     gpu, version = gpu_name(), tensorrt_version()

@@ -57,7 +57,7 @@ class TensorRTError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- imports
 
 
-def _import_tensorrt() -> ModuleType:
+def import_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except ImportError as error:
@@ -89,7 +89,7 @@ def _import_cudart() -> ModuleType:
 def tensorrt_available() -> bool:
     """True when TensorRT >= 10 and cuda-python import and at least one CUDA GPU is visible."""
     try:
-        _import_tensorrt()
+        import_tensorrt()
         cudart = _import_cudart()
         error, count = cudart.cudaGetDeviceCount()
     except (TensorRTUnavailable, OSError, RuntimeError):
@@ -97,7 +97,7 @@ def tensorrt_available() -> bool:
     return error == cudart.cudaError_t.cudaSuccess and count > 0
 
 
-def _make_logger(trt: ModuleType) -> Any:
+def make_logger(trt: ModuleType) -> Any:
     """A TensorRT logger that forwards to `logging` and keeps the errors, so exceptions can quote them."""
 
     class Logger(trt.ILogger):
@@ -218,7 +218,7 @@ class TensorRTRunner:
 
     def __init__(self, plan_path: Path):
         self.plan_path = Path(plan_path)
-        self.trt = _import_tensorrt()
+        self.trt = import_tensorrt()
         self.cuda = Cuda()
         self._opened = False
 
@@ -228,7 +228,7 @@ class TensorRTRunner:
         self._buffers: list[PinnedBuffer | DeviceBuffer] = []
         self.stream: CudaStream | None = None
         try:
-            self.trt_logger = _make_logger(trt)
+            self.trt_logger = make_logger(trt)
             self.runtime = trt.Runtime(self.trt_logger)
             if self.runtime is None:
                 raise TensorRTError("trt.Runtime could not be created")
@@ -347,4 +347,4 @@ class TensorRTRunner:
 
 
 def tensorrt_version() -> str:
-    return str(_import_tensorrt().__version__)
+    return str(import_tensorrt().__version__)

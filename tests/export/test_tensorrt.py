@@ -10,7 +10,7 @@ import pytest
 
 from efficientad.model_dir import find_engine
 from export.parity import onnxruntime_session
-from export.tensorrt_engine import tensorrt_available
+from server.tensorrt_runner import tensorrt_available
 
 pytestmark = [
     pytest.mark.tensorrt,
@@ -29,7 +29,8 @@ def engine_model_dir(small_model_dir, tmp_path_factory):
 
 
 def test_engine_is_cached_by_gpu_and_version(engine_model_dir):
-    from export.tensorrt_engine import build_engine, gpu_name, tensorrt_version
+    from export.tensorrt_engine import build_engine
+    from server.tensorrt_runner import gpu_name, tensorrt_version
 
     plan = find_engine(engine_model_dir, gpu_name(), tensorrt_version(), 4)
     assert plan is not None and plan.stat().st_size > 0
@@ -43,7 +44,7 @@ def test_engine_is_cached_by_gpu_and_version(engine_model_dir):
 
 
 def test_runner_matches_onnxruntime_at_every_batch_size(engine_model_dir):
-    from export.tensorrt_engine import TensorRTRunner, gpu_name, tensorrt_version
+    from server.tensorrt_runner import TensorRTRunner, gpu_name, tensorrt_version
 
     images = np.load(engine_model_dir / "parity_images.npy")[:4]
     reference_maps, reference_scores = onnxruntime_session(engine_model_dir / "model.onnx").run(
