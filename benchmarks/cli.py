@@ -130,10 +130,12 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         default=60_000.0,
         help="server deadline per request (60000 here, so overload shows as latency, not 504s)",
     )
-    overhead = bench.add_argument_group("server overhead (a null model: the server's own cost)")
+    overhead = bench.add_argument_group(
+        "server overhead (a null model: the server's own cost, against the floor app's in the same run)"
+    )
     overhead.add_argument("--no-server-overhead", action="store_true", help="skip the null-model runs")
     overhead.add_argument(
-        "--overhead-duration", type=float, default=5.0, help="seconds measured per null-model run (5)"
+        "--overhead-duration", type=float, default=3.0, help="seconds measured per null-model run (3)"
     )
     overhead.add_argument(
         "--server-workers", type=int, default=1, help="efficientad serve --workers for those runs (1)"

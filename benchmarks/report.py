@@ -1,6 +1,7 @@
 """The benchmark report: one versioned JSON document, a Markdown table and a latency/throughput plot.
 
-Schema (version 1), documented field by field in README.md, "Benchmarks":
+Schema (version 1, checked by the pydantic models of benchmarks.schema), documented field by field in
+docs/benchmarks.md:
 
     schema_version, created, device{}, host{}, versions{}, model{}, settings{},
     backends[] {name, precision, device, batch_size, p50_ms, p90_ms, p99_ms, mean_ms, images_per_s,
@@ -28,136 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-
-TOP_LEVEL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "schema_version": int,
-    "created": str,
-    "device": dict,
-    "host": dict,
-    "versions": dict,
-    "model": dict,
-    "settings": dict,
-    "backends": list,
-    "stages": list,
-    "http": list,
-    "derived": dict,
-    "notes": list,
-}
-NUMBER = (int, float)
-OPTIONAL_NUMBER = (int, float, type(None))
-DEVICE_KEYS = {"kind": str, "name": str}
-MODEL_KEYS = {"dir": str, "size": str, "input_height": int, "input_width": int, "weights": str}
-BACKEND_KEYS = {
-    "name": str,
-    "precision": str,
-    "device": str,
-    "batch_size": int,
-    "p50_ms": NUMBER,
-    "p90_ms": NUMBER,
-    "p99_ms": NUMBER,
-    "images_per_s": NUMBER,
-    "includes_transfer": (bool, type(None)),
-}
-STAGE_KEYS = {
-    "input_size": str,
-    "stage": str,
-    "p50_ms": NUMBER,
-    "p90_ms": OPTIONAL_NUMBER,
-    "p99_ms": OPTIONAL_NUMBER,
-}
-HTTP_KEYS = {
-    "mode": str,
-    "concurrency": (int, type(None)),
-    "rate": OPTIONAL_NUMBER,
-    "p50_ms": OPTIONAL_NUMBER,
-    "p95_ms": OPTIONAL_NUMBER,
-    "p99_ms": OPTIONAL_NUMBER,
-    "throughput_rps": NUMBER,
-    "mean_batch_size": OPTIONAL_NUMBER,
-    "errors": dict,
-}
-DERIVED_KEYS = {"http_c32_over_c1": OPTIONAL_NUMBER, "server_overhead_ms": OPTIONAL_NUMBER}
-TRAINING_SPEED_KEYS = {"device": str, "rows": list, "notes": list}
-TRAINING_ROW_KEYS = {
-    "stage": str,
-    "device": str,
-    "precision": str,
-    "image_size": int,
-    "crop": (int, type(None)),
-    "batch_size": int,
-    "median_s": NUMBER,
-    "p90_s": NUMBER,
-    "steps_per_s": NUMBER,
-    "images_per_s": NUMBER,
-    "steps": int,
-    "warmup": int,
-}
-
-OVERHEAD_KEYS = {"client": str, "server_workers": int, "duration_s": NUMBER, "rows": list, "targets": list}
-OVERHEAD_ROW_KEYS = {
-    "target": str,
-    "image": (str, type(None)),
-    "heatmap": (str, type(None)),
-    "concurrency": int,
-    "p50_ms": OPTIONAL_NUMBER,
-    "p99_ms": OPTIONAL_NUMBER,
-    "throughput_rps": NUMBER,
-    "live_ratio": OPTIONAL_NUMBER,
-    "stages_p50_ms": dict,
-    "errors": dict,
-}
-
-
-def _check(document: Any, keys: dict[str, Any], where: str) -> list[str]:
-    if not isinstance(document, dict):
-        return [f"{where}: expected an object, got {type(document).__name__}"]
-    problems = []
-    for key, kind in keys.items():
-        if key not in document:
-            problems.append(f"{where}.{key}: missing")
-        elif isinstance(document[key], bool) and kind in (NUMBER, OPTIONAL_NUMBER, int):
-            problems.append(f"{where}.{key}: expected a number, got a boolean")
-        elif not isinstance(document[key], kind):
-            problems.append(f"{where}.{key}: expected {kind}, got {type(document[key]).__name__}")
-    return problems
+from benchmarks.schema import SCHEMA_VERSION, report_problems
+from benchmarks.tables import markdown_table
 
 
 def validate_report(report: Any) -> list[str]:
-    """Every way `report` departs from schema version 1 ([] when it conforms)."""
-    problems = _check(report, TOP_LEVEL_KEYS, "report")
-    if problems:
-        return problems
-    if report["schema_version"] != SCHEMA_VERSION:
-        problems.append(f"report.schema_version: expected {SCHEMA_VERSION}, got {report['schema_version']}")
-    problems += _check(report["device"], DEVICE_KEYS, "device")
-    problems += _check(report["model"], MODEL_KEYS, "model")
-    problems += _check(report["derived"], DERIVED_KEYS, "derived")
-    for name, rows, keys in (
-        ("backends", report["backends"], BACKEND_KEYS),
-        ("stages", report["stages"], STAGE_KEYS),
-        ("http", report["http"], HTTP_KEYS),
-    ):
-        for index, row in enumerate(rows):
-            problems += _check(row, keys, f"{name}[{index}]")
-    # optional sections: older reports have no training_speed; server_overhead is absent when not run
-    problems += _check_optional_section(report, "training_speed", TRAINING_SPEED_KEYS, TRAINING_ROW_KEYS)
-    problems += _check_optional_section(report, "server_overhead", OVERHEAD_KEYS, OVERHEAD_ROW_KEYS)
-    return problems
-
-
-def _check_optional_section(
-    report: dict[str, Any], name: str, keys: dict[str, Any], row_keys: dict[str, Any]
-) -> list[str]:
-    """The problems of report[name] (none when absent): its own keys, then each of its rows'."""
-    if name not in report:
-        return []
-    section = report[name]
-    problems = _check(section, keys, name)
-    if not problems:
-        for index, row in enumerate(section["rows"]):
-            problems += _check(row, row_keys, f"{name}.rows[{index}]")
-    return problems
+    """Every way `report` departs from schema version 1 ([] when it conforms): benchmarks.schema."""
+    return report_problems(report)
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -285,12 +163,6 @@ def _copies(value: bool | None) -> str:
     return {True: "included", False: "no (input on device)", None: "n/a (CPU)"}[value]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
 BACKEND_HEADER = ["backend", "precision", "device", "host<->device copies", "batch"]
 BACKEND_HEADER += ["p50 ms", "p90 ms", "p99 ms", "images/s"]
 STAGE_HEADER = ["JPEG input", "stage", "p50 ms", "p90 ms", "p99 ms", "detail"]
@@ -361,7 +233,7 @@ def training_speed_markdown(section: dict[str, Any]) -> list[str]:
         return []
     lines = [f"### Training speed ({section.get('device', '?')}; seconds per optimiser step)", ""]
     if rows:
-        lines += _table(TRAINING_HEADER, [_training_cells(row) for row in rows])
+        lines += markdown_table(TRAINING_HEADER, [_training_cells(row) for row in rows])
         lines.append("")
     row_notes = list(dict.fromkeys(row["notes"] for row in rows if row.get("notes")))
     lines += [f"- {note}" for note in [*row_notes, *notes]]
@@ -385,11 +257,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         "### Backends (latency per batch; images/s = batch / mean latency)",
         "",
-        *_table(BACKEND_HEADER, [_backend_cells(row) for row in report["backends"]]),
+        *markdown_table(BACKEND_HEADER, [_backend_cells(row) for row in report["backends"]]),
     ]
     if report["stages"]:
         lines += ["", "### Pipeline stages (one image; ms)", ""]
-        lines += _table(STAGE_HEADER, [_stage_cells(row) for row in report["stages"]])
+        lines += markdown_table(STAGE_HEADER, [_stage_cells(row) for row in report["stages"]])
     if report["http"]:
         first = report["http"][0]
         lines += [
@@ -398,7 +270,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"{first.get('max_batch_size', '?')}, max delay {first.get('max_batch_delay_ms', '?')} ms; "
             f"{first.get('image', '')})",
             "",
-            *_table(HTTP_HEADER, [_http_cells(row) for row in report["http"]]),
+            *markdown_table(HTTP_HEADER, [_http_cells(row) for row in report["http"]]),
         ]
     training = training_speed_markdown(report.get("training_speed") or {})
     if training:

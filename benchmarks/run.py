@@ -69,7 +69,7 @@ class BenchSettings:
     server_request_timeout_ms: float = 60_000.0  # past it the server answers 504 (its own default: 10 s)
     # server overhead (benchmarks.server_overhead): the server itself, on a null model
     server_overhead: bool = True
-    overhead_duration_s: float = 5.0
+    overhead_duration_s: float = 3.0
     server_workers: int = 1
     # training speed (benchmarks.training_speed): on the GPU with `gpu`, else the CPU
     training: bool = True

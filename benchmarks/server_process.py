@@ -146,3 +146,14 @@ class ServerProcess:
                 process.wait()
         if self._log is not None:
             self._log.close()
+
+
+class FloorAppProcess(ServerProcess):
+    """`with FloorAppProcess(model_dir, ...) as floor:` the minimal app (benchmarks.floor_app) on the same
+    model, started, probed and stopped as the server is; the server's own settings do not apply to it."""
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "benchmarks.floor_app", str(self.model_dir), "--host", "127.0.0.1",
+            "--port", str(self.port),
+        ]  # fmt: skip

@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orjson import loads as json_loads
-
 from benchmarks.environment import describe_device, describe_host, library_versions, load_average
-from benchmarks.http_load import arrival_offsets
+from benchmarks.load import Outcome, arrival_offsets, closed_loop, open_loop, prediction_check
 from benchmarks.model_setup import default_cache_dir, prepare_model
 from benchmarks.null_model import make_null_model
-from benchmarks.raw_http import ConnectionPool, ProtocolError, build_request, split_url
+from benchmarks.raw_http import ConnectionPool, build_request, split_url
 from benchmarks.server_process import ServerProcess
+from benchmarks.tables import markdown_table
 from benchmarks.timing import percentile
 
 logger = logging.getLogger(__name__)
@@ -87,13 +86,6 @@ class SoakSettings:
 
     def warmup(self) -> float:
         return self.warmup_s if self.warmup_s is not None else min(60.0, self.duration_s / 5)
-
-
-@dataclass
-class Outcome:
-    scheduled_s: float  # send time, from the start of the load
-    latency_ms: float  # answer time - scheduled send time
-    error: str | None  # None: a good answer; else the status code or exception name
 
 
 @dataclass
@@ -164,24 +156,6 @@ async def sample_memory(pid: int, origin: float, stop: asyncio.Event, into: list
 # ------------------------------------------------------------------------------------ requests
 
 
-async def post_image(pool: ConnectionPool, request: bytes, *, want_heatmap: bool) -> str | None:
-    """None for a good answer (200, finite score, heatmap when asked), else what went wrong."""
-    try:
-        reply = await pool.exchange(request)
-    except (OSError, TimeoutError, ProtocolError, asyncio.IncompleteReadError) as error:
-        return type(error).__name__
-    if reply.status != 200:
-        return str(reply.status)
-    try:
-        document = json_loads(reply.body)
-        score = float(document["score"])
-    except (ValueError, KeyError, TypeError):
-        return "bad_response"
-    if not math.isfinite(score) or (want_heatmap and not document.get("heatmap_png")):
-        return "bad_response"
-    return None
-
-
 def predict_requests(url: str, images: list[bytes]) -> list[bytes]:
     """One prepared HTTP request per image (POST url, Content-Type image/jpeg)."""
     host, port, path = split_url(url)
@@ -202,37 +176,23 @@ def _pool(url: str, timeout_s: float, max_connections: int | None = None) -> Con
 async def measure_capacity(
     url: str, images: list[bytes], *, concurrency: int, seconds: float, timeout_s: float, want_heatmap: bool
 ) -> tuple[float, float | None, Counter[str]]:
-    """Closed loop: `concurrency` clients back to back for 2 s of warm-up + `seconds`.
+    """Closed loop (benchmarks.load): `concurrency` clients back to back for 2 s of warm-up + `seconds`.
 
     -> (good answers per second in the window, their p50 ms, errors by kind).
     """
-    warmup_s = 2.0
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    requests = predict_requests(url, images)
-    pool = _pool(url, timeout_s)
-    await pool.prepare(concurrency)
-    origin = time.perf_counter()
-    window_start, window_end = origin + warmup_s, origin + warmup_s + seconds
-
-    async def worker(offset: int) -> None:
-        sent = offset
-        while (start := time.perf_counter()) < window_end:
-            error = await post_image(pool, requests[sent % len(requests)], want_heatmap=want_heatmap)
-            sent += concurrency
-            if start >= window_start:
-                if error is None:
-                    latencies.append((time.perf_counter() - start) * 1000)
-                else:
-                    errors[error] += 1
-
-    await asyncio.gather(*(worker(index) for index in range(concurrency)))
-    elapsed = max(time.perf_counter() - window_start, 1e-9)
-    pool.close()
-    return len(latencies) / elapsed, percentile(latencies, 50) if latencies else None, errors
+    recording = await closed_loop(
+        _pool(url, timeout_s),
+        predict_requests(url, images),
+        concurrency=concurrency,
+        warmup_s=2.0,
+        duration_s=seconds,
+        check=prediction_check(want_heatmap=want_heatmap),
+    )
+    p50 = percentile(recording.latencies_ms, 50) if recording.latencies_ms else None
+    return len(recording.latencies_ms) / max(recording.window_s, 1e-9), p50, recording.errors
 
 
-async def open_loop(
+async def soak_load(
     url: str,
     images: list[bytes],
     *,
@@ -242,42 +202,26 @@ async def open_loop(
     timeout_s: float,
     want_heatmap: bool,
 ) -> tuple[list[Outcome], list[MemorySample], float]:
-    """Requests at fixed times for `duration_s`, the server's memory sampled alongside.
+    """benchmarks.load's open loop at fixed times for `duration_s`, the server's memory sampled alongside.
 
     -> (one outcome per request, memory samples, the worst lag of a send behind its schedule in ms).
     """
-    outcomes: list[Outcome] = []
     samples: list[MemorySample] = []
-    max_lag_s = 0.0
     stop = asyncio.Event()
-    requests = predict_requests(url, images)
+    origin = time.perf_counter()
+    sampler = asyncio.create_task(sample_memory(pid, origin, stop, samples))
     # up to 64 keep-alive connections: a request scheduled while all are busy waits for one (its latency
     # still counts from its scheduled time); opening ever more connections under a backlog would add
     # connection set-up to a server already behind and tip it over
-    pool = _pool(url, timeout_s, OPEN_LOOP_CONNECTIONS)
-    origin = time.perf_counter()
-    sampler = asyncio.create_task(sample_memory(pid, origin, stop, samples))
-
-    async def send(index: int, offset: float) -> None:
-        nonlocal max_lag_s
-        max_lag_s = max(max_lag_s, time.perf_counter() - origin - offset)
-        error = await post_image(pool, requests[index % len(requests)], want_heatmap=want_heatmap)
-        outcomes.append(Outcome(offset, (time.perf_counter() - origin - offset) * 1000, error))
-
-    tasks = set()
-    for index, offset in enumerate(arrival_offsets(rate, duration_s, "fixed")):
-        delay = origin + offset - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(send(index, offset))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
+    outcomes, max_lag_ms = await open_loop(
+        _pool(url, timeout_s, OPEN_LOOP_CONNECTIONS),
+        predict_requests(url, images),
+        offsets=arrival_offsets(rate, duration_s, "fixed"),
+        check=prediction_check(want_heatmap=want_heatmap),
+    )
     stop.set()
     await sampler
-    pool.close()
-    outcomes.sort(key=lambda outcome: outcome.scheduled_s)
-    return outcomes, samples, max_lag_s * 1000
+    return outcomes, samples, max_lag_ms
 
 
 # ------------------------------------------------------------------------------------- analysis
@@ -452,7 +396,7 @@ def run_soak(
         logger.info("capacity %.1f req/s; soaking at %.1f req/s for %.0f s", capacity, rate,
                     settings.duration_s)  # fmt: skip
         outcomes, samples, max_lag_ms = asyncio.run(
-            open_loop(
+            soak_load(
                 url,
                 images,
                 rate=rate,
@@ -479,7 +423,11 @@ def run_soak(
     )
     load = load_summary(outcomes, settings.duration_s, max_lag_ms)
     failures += judge(load, memory, exit_code)
-    error_lines = [line for line in log_text.splitlines() if '"level": "ERROR"' in line or " ERROR " in line]
+    error_lines = [
+        line
+        for line in log_text.splitlines()
+        if any(mark in line for mark in ('"level":"ERROR"', '"level": "ERROR"', " ERROR "))
+    ]
     report = {
         "kind": "soak",
         "schema_version": 1,
@@ -581,6 +529,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _interval_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        f"{row['index']}{' (warm-up)' if row['warmup'] else ''}", f"{row['start_s']:g}-{row['end_s']:g}",
+        str(row["requests"]), str(row["ok"]), _cell(row["errors"]), _cell(row["p50_ms"]),
+        _cell(row["p99_ms"]), _cell(row["max_ms"]), _cell(row["rss_mb"]), _cell(row["rss_max_mb"]),
+        _cell(row["threads"]), _cell(row["open_files"]),
+    ]  # fmt: skip
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     load, memory, capacity, model = report["load"], report["memory"], report["capacity"], report["model"]
     verdict = "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])
@@ -604,19 +561,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Threads {memory.get('threads_start')} -> {memory.get('threads_end')}, open files "
         f"{memory.get('open_files_start')} -> {memory.get('open_files_end')}; server exit code "
         f"{report['server']['exit_code']}, {report['server']['log_error_lines']} ERROR log lines",
-        "",
-        "| interval | seconds | requests | good | errors | p50 ms | p99 ms | max ms | RSS MB | RSS max MB "
-        "| threads | fds |",
-        "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in report["intervals"]:
-        label = f"{row['index']}{' (warm-up)' if row['warmup'] else ''}"
-        lines.append(
-            f"| {label} | {row['start_s']:g}-{row['end_s']:g} | {row['requests']} | {row['ok']} | "
-            f"{_cell(row['errors'])} | {_cell(row['p50_ms'])} | {_cell(row['p99_ms'])} | "
-            f"{_cell(row['max_ms'])} | {_cell(row['rss_mb'])} | {_cell(row['rss_max_mb'])} | "
-            f"{_cell(row['threads'])} | {_cell(row['open_files'])} |"
-        )
+    header = ["interval", "seconds", "requests", "good", "errors", "p50 ms", "p99 ms", "max ms", "RSS MB"]
+    header += ["RSS max MB", "threads", "fds"]
+    cells = [_interval_cells(row) for row in report["intervals"]]
+    lines += ["", *markdown_table(header, cells)]
     lines.append("")
     return "\n".join(lines)
 

@@ -21,9 +21,22 @@ def dumps(document: Any) -> bytes:
     return orjson.dumps(document)
 
 
+_LEAVES = frozenset({str, int, bool, type(None), bytes})
+
+
 def _refuse_non_finite(value: Any) -> None:
-    """orjson writes NaN and infinity as null; a score must never silently become null."""
-    if isinstance(value, float):
+    """orjson writes NaN and infinity as null; a score must never silently become null. (Exact types
+    first: an answer is plain dicts, lists, strings and numbers, and isinstance against Mapping is slow.)"""
+    kind = type(value)
+    if kind in _LEAVES:
+        return
+    if kind is dict:
+        for item in value.values():
+            _refuse_non_finite(item)
+    elif kind is list or kind is tuple:
+        for item in value:
+            _refuse_non_finite(item)
+    elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"a non-finite number ({value}) cannot go into a JSON answer")
     elif isinstance(value, Mapping):

@@ -59,7 +59,9 @@ def _warmup(backend: Backend, height: int, width: int, batch_sizes: Sequence[int
 class OnnxRuntimeBackend:
     """model.onnx on ONNX Runtime with exactly one provider (CUDA or CPU); never a silent fallback."""
 
-    def __init__(self, model: ModelInfo, *, device: str = "cpu", intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, model: ModelInfo, *, device: str = "cpu", intra_op_threads: int = 0, spinning: bool = False
+    ) -> None:
         import onnxruntime as ort
 
         if device not in ORT_PROVIDERS:
@@ -79,6 +81,8 @@ class OnnxRuntimeBackend:
         options.inter_op_num_threads = 1
         if device == "cpu":
             options.intra_op_num_threads = intra_op_threads or usable_cpus()
+            # a spinning thread burns 2 ms of CPU per request here, on the cores decode and HTTP need
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers: list[Any] = [provider] if device == "cpu" else [provider, "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(
@@ -216,7 +220,12 @@ def _build(kind: BackendKind, model: ModelInfo, settings: Settings) -> Backend:
     if kind == "onnxruntime-cuda":
         return OnnxRuntimeBackend(model, device="cuda")
     if kind == "onnxruntime-cpu":
-        return OnnxRuntimeBackend(model, device="cpu", intra_op_threads=settings.intra_op_threads)
+        return OnnxRuntimeBackend(
+            model,
+            device="cpu",
+            intra_op_threads=settings.intra_op_threads,
+            spinning=settings.intra_op_spinning,
+        )
     raise BackendError(f"unknown backend {kind!r}: use auto, tensorrt, onnxruntime-cuda or onnxruntime-cpu")
 
 

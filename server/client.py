@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import logging
 import os
 import sys
 from collections import Counter
@@ -73,6 +74,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="API key sent as X-API-Key (default: $EAD_API_KEY)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also log each HTTP request (httpx's INFO lines)"
+    )
 
 
 def content_type_for(path: Path) -> str:
@@ -162,6 +166,9 @@ def predict_command(args: argparse.Namespace) -> int:
     """Score every image; 0 if all succeeded, 1 if any request failed (a missing file is a UserError: 2)."""
     import httpx
 
+    # the results (and errors) only: httpx logs every request at INFO, one line between every two results
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
     images: list[Path] = list(args.images)
     missing = [str(path) for path in images if not path.is_file()]
     if missing:

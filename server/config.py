@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, description="ONNX Runtime CPU threads per model (0 = one per usable core)"
     )
+    intra_op_spinning: bool = Field(
+        False,
+        description="ONNX Runtime CPU threads spin while waiting for work: a little less latency, but "
+        "the waiting threads burn the cores the server's own work needs (off by default)",
+    )
     decode_threads: int = Field(
         0, description="threads decoding and encoding images (0 = one per usable core)"
     )

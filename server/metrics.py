@@ -112,6 +112,15 @@ class ServerMetrics:
         )
         self.scores = ScoreHistograms()
         self.registry.register(self.scores)
+        # label children looked up once per label set, not per request (`.labels()` takes a lock)
+        self._children: dict[tuple[object, ...], Counter] = {}
+
+    def _child(self, counter: Counter, *labels: str) -> Counter:
+        key = (counter, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        return child
 
     def track_model(self, model: str, threshold: float | None) -> None:
         """Start (or, after a reload with a new threshold, restart) the model's score histogram."""
@@ -119,7 +128,7 @@ class ServerMetrics:
 
     def observe_prediction(self, model: str, score: float, is_anomaly: bool) -> None:
         self.scores.observe(model, score)
-        self.predictions.labels(model=model, verdict="anomaly" if is_anomaly else "ok").inc()
+        self._child(self.predictions, model, "anomaly" if is_anomaly else "ok").inc()
 
     def track_queue_length(self, model: str, length: Callable[[], int]) -> None:
         self.queue_length.labels(model=model).set_function(length)
@@ -129,10 +138,10 @@ class ServerMetrics:
         self.inference_seconds.observe(inference_s)
         for seconds in queue_s:
             self.queue_seconds.observe(seconds)
-        self.images.labels(model=model).inc(batch_size)
+        self._child(self.images, model).inc(batch_size)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route=route, status=str(status)).inc()
+        self._child(self.requests, route, str(status)).inc()
         self.request_seconds.observe(seconds)
 
     def render(self) -> bytes:

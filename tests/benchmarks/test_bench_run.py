@@ -75,7 +75,7 @@ def test_tiny_bench_produces_json_markdown_and_plot(
 
     printed = capsys.readouterr().out
     assert "| onnxruntime-cpu | fp32 | cpu | n/a (CPU) | 2 |" in printed
-    assert "### Server overhead (null model" in printed
+    assert "### Server overhead against the floor (null model" in printed
     assert md_files[0].read_text() in printed
     assert (tmp_path / "work" / "server.log").is_file()
 

@@ -1,12 +1,16 @@
-"""The load client's pieces: /metrics parsing (on the server's real metrics) and arrival schedules."""
+"""The one load driver (benchmarks.load): /metrics parsing (on the server's real metrics), arrival schedules,
+and the closed and open loops against a real HTTP server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
+import time
 
 import pytest
 
-from benchmarks.http_load import arrival_offsets, batch_totals, parse_metric_total
+from benchmarks.load import arrival_offsets, batch_totals, parse_metric_total
 
 
 def test_batch_totals_from_the_servers_own_metrics() -> None:
@@ -55,43 +59,91 @@ def test_arrivals_reject_bad_input() -> None:
         arrival_offsets(1.0, 1.0, "bursty")
 
 
+async def _one_at_a_time_server(seconds: float) -> tuple[asyncio.Server, int]:
+    """A real HTTP/1.1 server on loopback that answers one request at a time, `seconds` each, with a
+    prediction-like JSON body and a Server-Timing header, keeping connections alive."""
+    lock = asyncio.Lock()
+    body = json.dumps({"score": 0.5}).encode()
+    head = (
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        f"Server-Timing: inference;dur={seconds * 1000:g}, total;dur={seconds * 1000:g}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request_head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (int(line.split(b":")[1]) for line in request_head.split(b"\r\n")
+                     if line.lower().startswith(b"content-length:")),
+                    0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                async with lock:
+                    await asyncio.sleep(seconds)
+                writer.write(head + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_closed_loop_waits_for_steady_state_and_a_full_round() -> None:
-    """A server that answers one request at a time, 20 ms each: with 4 workers the window must open only
-    after each worker got its first answer, and stay open until 4 answers are in."""
-    import asyncio
-    import time
-
-    import httpx
-
-    from benchmarks.http_load import closed_loop
+    """A server that answers one request at a time, 20 ms each: with 4 connections the window opens only
+    after each got its first answer, and stays open until 4 answers are in."""
+    from benchmarks.load import closed_loop, prediction_check
+    from benchmarks.raw_http import ConnectionPool, build_request
 
     async def scenario() -> tuple:
-        lock = asyncio.Lock()
-
-        async def one_at_a_time(request: httpx.Request) -> httpx.Response:
-            async with lock:
-                await asyncio.sleep(0.02)
-            timings = {"decode": 1.0, "queue": 2.0, "inference": 20.0, "encode": 1.0, "total": 24.0}
-            return httpx.Response(200, json={"score": 0.5, "timings_ms": timings})
-
-        scrapes = []
+        server, port = await _one_at_a_time_server(0.02)
+        scrapes: list[float] = []
 
         async def scrape() -> tuple[float, float]:
             scrapes.append(time.perf_counter())
             return (float(len(scrapes)), float(len(scrapes)))
 
-        async with httpx.AsyncClient(transport=httpx.MockTransport(one_at_a_time)) as client:
-            started = time.perf_counter()
-            result = await closed_loop(
-                client, "http://test/predict", b"x", {}, concurrency=4, warmup_s=0.0, duration_s=0.01,
-                max_s=10.0, scrape=scrape,
-            )  # fmt: skip
-        return started, result, scrapes
+        request = build_request("POST", "/predict", host=f"127.0.0.1:{port}", body=b"x")
+        started = time.perf_counter()
+        recording = await closed_loop(
+            ConnectionPool("127.0.0.1", port), [request], concurrency=4, warmup_s=0.0, duration_s=0.01,
+            max_s=10.0, check=prediction_check(want_heatmap=False), scrape=scrape,
+        )  # fmt: skip
+        server.close()
+        await server.wait_closed()
+        return started, scrapes, recording
 
-    started, (recorder, window, before, after), scrapes = asyncio.run(scenario())
-    assert window.start - started >= 4 * 0.02 * 0.9  # a full round of 4 serialised answers came first
-    assert recorder.sent >= 4 and not recorder.errors  # the window stayed open for a full round
-    assert all(latency >= 15.0 for latency in recorder.latencies_ms)
-    assert recorder.server_ms["inference"] == [20.0] * recorder.sent  # the answers' own timings are kept
-    assert len(scrapes) == 2 and before == (1.0, 1.0) and after == (2.0, 2.0)
-    assert window.end - window.start >= 4 * 0.02 * 0.9
+    started, scrapes, recording = asyncio.run(scenario())
+    assert scrapes[0] - started >= 4 * 0.02 * 0.9  # a full round of 4 serialised answers came first
+    assert recording.answers >= 4 and not recording.errors  # the window stayed open for a full round
+    assert all(latency >= 15.0 for latency in recording.latencies_ms)
+    assert recording.stages_ms["inference"] == [20.0] * len(recording.latencies_ms)  # Server-Timing kept
+    assert len(scrapes) == 2 and recording.batches == (1.0, 1.0)  # the /metrics deltas over the window
+    assert recording.window_s >= 4 * 0.02 * 0.9
+
+
+def test_open_loop_counts_latency_from_the_schedule() -> None:
+    """Requests every 5 ms to a server that takes 20 ms each, one at a time: the server falls behind, and
+    the latencies grow with the backlog (counted from each scheduled send, not from when a connection
+    came free)."""
+    from benchmarks.load import open_loop, record_window
+    from benchmarks.raw_http import ConnectionPool, build_request
+
+    async def scenario() -> tuple:
+        server, port = await _one_at_a_time_server(0.02)
+        request = build_request("POST", "/predict", host=f"127.0.0.1:{port}", body=b"x")
+        pool = ConnectionPool("127.0.0.1", port, max_connections=4)
+        outcomes, lag = await open_loop(pool, [request], offsets=[k * 0.005 for k in range(8)])
+        server.close()
+        await server.wait_closed()
+        return outcomes, lag
+
+    outcomes, lag_ms = asyncio.run(scenario())
+    assert [outcome.error for outcome in outcomes] == [None] * 8
+    latencies = [outcome.latency_ms for outcome in outcomes]
+    assert latencies[-1] > latencies[0] + 80  # 8 x 20 ms of work offered in 40 ms
+    assert lag_ms < 20
+    recording = record_window(outcomes, 0.01, 1.0, lag_ms)
+    assert recording.answers == 6 and recording.window_s >= 0.16 - 0.01

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -106,15 +107,22 @@ def test_the_lean_client_reads_what_httpx_reads(null_server: ServerProcess) -> N
     assert document["score"] == float(graph_score)  # exactly what the graph says
 
 
-def test_a_short_overhead_run_gives_every_row_and_the_targets(tmp_path: Path) -> None:
-    settings = OverheadSettings(concurrencies=(1, 4), duration_s=0.5, warmup_s=0.2)
+def test_a_short_overhead_run_gives_every_row_beside_the_floor(tmp_path: Path) -> None:
+    """The server and the floor app on one null model: every row has both, their ratios and the
+    server's stages; the targets are issue 20's ratios on the good part."""
+    settings = OverheadSettings(concurrencies=(1, 4), duration_s=0.4, warmup_s=0.1, rounds=1)
     section = bench_server_overhead(settings, work_dir=tmp_path)
     rows = section["rows"]
     assert [(row["target"], row["concurrency"]) for row in rows[:2]] == [("live", 1), ("live", 4)]
     predict = [row for row in rows if row["target"] == "predict"]
-    assert len(predict) == 2 * 2 * 2  # two images x (heatmap none, png) x two concurrencies
+    assert len(predict) == 3 * 2 * 2  # three images x (heatmap none, png) x two concurrencies
+    assert [row["image"].split(", ")[1] for row in predict[::4]] == ["good part", "parts above", "camera"]
     for row in rows:
-        assert row["errors"] == {} and row["requests"] > 0 and row["p50_ms"] > 0, row
+        assert row["errors"] == {} and row["floor_errors"] == {}, row
+        assert row["p50_ms"] > 0 and row["floor_p50_ms"] > 0 and row["p50_ratio"] > 0, row
+        assert row["throughput_ratio"] == pytest.approx(
+            row["throughput_rps"] / row["floor_throughput_rps"], abs=1e-3
+        )
     for row in predict:
         assert row["live_ratio"] > 0
         assert set(row["stages_p50_ms"]) == {
@@ -128,12 +136,27 @@ def test_a_short_overhead_run_gives_every_row_and_the_targets(tmp_path: Path) ->
         }
     assert {row["heatmap"] for row in predict} == {"none", "png"}
     checks = targets(section)
-    assert [check["what"].split(",")[0] for check in checks] == ["c1 p50 ms"] * 2 + [
-        "c32 req/s / /health/live req/s"
-    ] * 2
-    assert checks[2]["measured"] is None  # no concurrency-32 run here: nothing claimed
+    assert [check["bound"] for check in checks] == ["<= 1.2", ">= 0.9", "<= 1.0", ">= 1.0"]
+    assert checks[0]["measured"] == predict[0]["p50_ratio"]
+    assert checks[1]["measured"] is None  # no concurrency-32 run here: nothing claimed
     text = "\n".join(overhead_markdown(section))
-    assert "| /health/live |" in text and "NOT met" in text
+    assert "| /health/live |" in text and "NOT met" in text and "floor p50 ms" in text
+
+
+def test_the_good_part_stays_below_the_threshold_and_the_other_photo_does_not(tmp_path: Path) -> None:
+    """The good part gives the null model no region (nothing above its threshold); the same photo as sent
+    gives regions, so the region path is measured too."""
+    from benchmarks.server_overhead import overhead_images
+
+    images = overhead_images(OverheadSettings())
+    onnx_path = make_null_model(tmp_path / "null") / "model.onnx"
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    maxima = []
+    for data in list(images.values())[:2]:
+        pixels, _ = decode_for_model(data, content_type="image/jpeg", height=256, width=256, max_pixels=10**8)
+        (score,) = session.run(["score"], {"image": pixels[None]})[0]
+        maxima.append(float(score))
+    assert maxima[0] < NULL_THRESHOLD < maxima[1]
 
 
 def test_a_stale_keep_alive_connection_is_replaced_once() -> None:
@@ -166,18 +189,21 @@ def test_a_stale_keep_alive_connection_is_replaced_once() -> None:
 def test_a_window_shorter_than_one_answer_still_counts_an_answer(null_server: ServerProcess) -> None:
     """A closed-loop window of 1 ms, far below one answer's latency, stays open (until 4 ms at most, then the
     next answer) until answers are counted, and reports the window it really measured."""
-    from benchmarks.server_overhead import closed_loop
+    from benchmarks.load import closed_loop
 
     host, port, _ = split_url(null_server.url)
     request = build_request("POST", "/predict?heatmap=none", host=f"{host}:{port}", body=COOKIE.read_bytes(),
                             headers={"Content-Type": "image/jpeg"})  # fmt: skip
 
-    async def run() -> tuple:
+    async def run() -> Any:
         return await closed_loop(
-            ConnectionPool(host, port), request, concurrency=2, warmup_s=0.0, duration_s=0.001
+            ConnectionPool(host, port), [request], concurrency=2, warmup_s=0.0, duration_s=0.001
         )
 
-    latencies, stages, errors, window_s = asyncio.run(run())
-    assert errors == {}
-    assert 0.001 < window_s <= 0.004 + max(latencies) / 1000.0  # measured past the 1 ms asked for
-    assert len(latencies) >= 1 and set(stages) >= {"decode", "inference"}
+    recording = asyncio.run(run())
+    assert not recording.errors
+    latencies = recording.latencies_ms
+    # the window opens once each connection has had an answer, and counts only requests sent inside it:
+    # it ends within the 4 ms cap plus an answer in flight at its start and one sent inside it
+    assert 0.001 < recording.window_s <= 0.004 + 2 * max(latencies) / 1000.0
+    assert len(latencies) >= 1 and set(recording.stages_ms) >= {"decode", "inference"}

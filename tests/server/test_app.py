@@ -359,7 +359,7 @@ def test_api_key_is_required_and_never_logged(
     formatter = JsonFormatter()
     lines = [formatter.format(record) for record in caplog.records]
     assert not [line for line in lines if key in line]
-    access = [json.loads(line) for line in lines if '"logger": "efficientad.access"' in line]
+    access = [entry for line in lines if (entry := json.loads(line))["logger"] == "efficientad.access"]
     predicts = [entry for entry in access if entry["route"] == "/predict"]
     assert [entry["status"] for entry in predicts] == [401, 401, 401, 401, 200, 200]
     assert all(entry["model"] == "small" and entry["ms"] > 0 for entry in predicts[4:])

@@ -32,7 +32,8 @@ from server.client import (
 from server.heatmap import HEATMAP_STYLES, render_heatmap
 from server.imaging import ImageError, decode_for_model
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "cookie" / "test"
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "samples" / "cookie" / "test"
 GOOD = SAMPLES / "good" / "test-normal-1.jpg"
 BAD = SAMPLES / "anomaly" / "anomaly-10.jpg"
 API_KEY = "secret-key"
@@ -314,3 +315,19 @@ def test_image_bytes_arrive_unchanged(
     _, score, verdict, _ = capsys.readouterr().out.strip().split("  ")
     assert float(score) == pytest.approx(250 / 255, abs=1e-6)
     assert verdict == "ANOMALY"
+
+
+def test_the_console_prints_results_only_and_the_request_log_behind_verbose(api: FakeApi) -> None:
+    """`efficientad predict` as a new user runs it: stdout one line per image, stderr without httpx's
+    `HTTP Request: POST ...` INFO line per request; with -v that line comes back."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "efficientad", "predict", str(GOOD), str(GOOD), "--url", api.url,
+               "--api-key", API_KEY]  # fmt: skip
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert quiet.returncode == 0, quiet.stderr
+    assert [line.split("  ")[0] for line in quiet.stdout.splitlines()] == [str(GOOD), str(GOOD)]
+    assert "HTTP Request" not in quiet.stderr
+    verbose = subprocess.run([*command, "-v"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert verbose.returncode == 0 and verbose.stderr.count("HTTP Request: POST") == 2
