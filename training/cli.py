@@ -14,6 +14,7 @@ from pathlib import Path
 TRAIN_FLAGS = (
     "augment",
     "penalty_crop",
+    "eval_every",
     "size",
     "steps",
     "image_size",
@@ -163,6 +164,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "are computed on the rounded weights); default float32",
     )
     train.add_argument("--save-every", type=int, default=None, help="steps between resumable states (1000)")
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="evaluate on DATA_DIR/test every STEPS steps: the learning curve (test metrics against steps "
+        "and training seconds) in RUN_DIR/curve.json and the checkpoint; default 0 (at the end only)",
+    )
     train.add_argument(
         "--augment",
         choices=["none", "geometric"],

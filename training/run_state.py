@@ -34,8 +34,8 @@ DOCUMENT_KEY = "document"  # the safetensors metadata entry that holds the JSON 
 # Settings that may take a new value on --resume (the rest must stay as the run started):
 # - steps: a run can be extended or shortened (not below the step it reached); schedules follow the new end;
 # - learning_rate: a new rate from the resumed step on (recorded where the run keeps a schedule);
-# - device, save_every: where and how often, not what is trained.
-RESUME_MAY_CHANGE = ("steps", "learning_rate", "device", "save_every")
+# - device, save_every, eval_every: where and how often, not what is trained.
+RESUME_MAY_CHANGE = ("steps", "learning_rate", "device", "save_every", "eval_every")
 
 SettingsT = TypeVar("SettingsT")
 

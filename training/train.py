@@ -21,7 +21,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from efficientad.errors import UserError
+from efficientad.files import atomic_write
 from efficientad.scores import DEFAULT_THRESHOLD_RULE, default_threshold
 from training.augment import random_color_jitter, random_geometric, random_penalty_crops
 from training.checkpoint import METADATA_FILE, TENSORS_FILE, ModelConfig, file_sha256, save_checkpoint
@@ -45,7 +46,7 @@ from training.data import (
     split_validation,
 )
 from training.device import PRECISIONS, autocast
-from training.evaluate import evaluate_model
+from training.evaluate import evaluate_model, threshold_rates
 from training.losses import autoencoder_loss, hard_feature_loss, penalty_loss, student_autoencoder_loss
 from training.model import EfficientAD, MapStatistics, imagenet_normalise, normalise_unit_images
 from training.networks import PDN, TEACHER_CHANNELS, Autoencoder, ModelSize
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.safetensors"  # the one resumable-state file in RUN_DIR
 STATE_KIND = "efficientad-train-state"
+CURVE_FILE = "curve.json"  # --eval-every: test metrics against steps and training seconds
 RANDOM_TEACHER = "random"
 RANDOM_TEACHER_NOTE = "random teacher weights: for tests and timing only, not for detecting anomalies"
 LR_DECAY_AT = 0.95  # fraction of the steps after which the learning rate is 0.1x
@@ -93,6 +95,7 @@ class TrainSettings:
     save_every: int = 1000  # steps between resumable states; 0: only on Ctrl-C and stop_after_step
     augment: str = "none"  # none (the paper) or geometric (flips + zoom of the training images)
     penalty_crop: int | None = None  # px side of the penalty crops; None: the image size (the paper)
+    eval_every: int = 0  # steps between test evaluations for the learning curve; 0: at the end only
     recipe: str = "paper"  # the preset these settings started from (RECIPES); explicit settings win
 
     @classmethod
@@ -110,8 +113,10 @@ class TrainSettings:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.save_every < 0:
-            raise UserError(f"save_every must be >= 0, got {self.save_every}")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise UserError(
+                f"save_every and eval_every must be >= 0, got {self.save_every}, {self.eval_every}"
+            )
         if not 0.0 < self.validation_fraction < 1.0:
             raise UserError(f"validation fraction must be between 0 and 1, got {self.validation_fraction}")
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
@@ -376,8 +381,9 @@ class TrainingRun:
     records: dict[str, Any]  # teacher, data and penalty records, for the state and the checkpoint
     step: int = 0
     recent_losses: dict[str, float] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time so far, all sessions, evaluations left out
     started: float = 0.0  # perf_counter at prepare
+    curve: list[dict[str, Any]] = field(default_factory=list)  # test metrics against steps and seconds
 
     def save_state(self) -> None:
         save_run_state(
@@ -388,6 +394,7 @@ class TrainingRun:
                 "settings": asdict(self.settings),
                 "recent_losses": self.recent_losses or {},
                 "seconds": self.seconds,
+                "curve": self.curve,
                 **self.records,
             },
             modules={"model": self.model},
@@ -521,6 +528,7 @@ def prepare(
         _restore_rng(state, generator, device)
         run.step, run.seconds = state.step, float(state.document.get("seconds", 0.0))
         run.recent_losses = dict(state.document.get("recent_losses", {}))
+        run.curve = list(state.document.get("curve", []))
         logger.info("resuming %s at step %d of %d", run_dir, run.step, settings.steps)
     model.to(device)
     model.teacher.eval()
@@ -577,10 +585,44 @@ def run_loop(run: TrainingRun, end_step: int) -> None:
                 progress.set_postfix({name: f"{value:.4f}" for name, value in run.recent_losses.items()})
                 totals, window = None, 0
             run.seconds = seconds_before + time.perf_counter() - session_started
+            if settings.eval_every and run.step % settings.eval_every == 0 and run.step < settings.steps:
+                began = time.perf_counter()
+                record_curve_point(run)
+                session_started += time.perf_counter() - began  # evaluation is not training time
+                model.student.train()
+                model.autoencoder.train()
             if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
                 run.save_state()
     finally:
         progress.close()
+
+
+def record_curve_point(run: TrainingRun) -> dict[str, Any] | None:
+    """Test metrics of the model as it is now (map quantiles refit on the validation images, the default
+    threshold from them), appended to `run.curve` and written to RUN_DIR/curve.json; None without test set."""
+    if run.test_set is None:
+        return None
+    model, device = run.model, run.device
+    model.eval()
+    fit_map_quantiles(model, run.validation_images, device)
+    threshold = default_threshold(image_scores(model, run.validation_images, device))
+    return _curve_point(run, evaluate_model(model, run.test_set, device), threshold)
+
+
+def _curve_point(run: TrainingRun, metrics: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """One learning-curve point from `metrics` (training.evaluate) at `threshold`, appended to run.curve."""
+    assert run.test_set is not None
+    point = {
+        "step": run.step,
+        "seconds": round(run.seconds, 1),
+        **{name: metrics["overall"][name] for name in ("image_auroc", "pixel_auroc", "au_pro")},
+        **threshold_rates(run.test_set.labels, metrics["scores"], threshold),
+    }
+    run.curve.append(point)
+    text = json.dumps(run.curve, indent=1)
+    atomic_write(run.run_dir / CURVE_FILE, lambda temporary: temporary.write_text(text + "\n"))
+    logger.info("step %d: image AUROC %s", run.step, point["image_auroc"])
+    return point
 
 
 def finish(run: TrainingRun) -> Path:
@@ -592,6 +634,7 @@ def finish(run: TrainingRun) -> Path:
         round_weights(network, storage_dtype)
     stats = fit_map_quantiles(model, run.validation_images, device)
     validation_scores = image_scores(model, run.validation_images, device)
+    validation_names = run.records["data"]["validation_images"]
     metadata: dict[str, Any] = {
         "threshold": default_threshold(validation_scores),
         "threshold_rule": DEFAULT_THRESHOLD_RULE,
@@ -599,6 +642,7 @@ def finish(run: TrainingRun) -> Path:
             "min": float(validation_scores.min()),
             "median": float(np.median(validation_scores)),
             "max": float(validation_scores.max()),
+            "values": dict(zip(validation_names, map(float, validation_scores), strict=True)),
         },
         "teacher": run.records["teacher"],
         "training": {
@@ -625,8 +669,9 @@ def finish(run: TrainingRun) -> Path:
     write()
     if run.test_set is not None:
         metrics = evaluate_model(model, run.test_set, device)
-        metrics.pop("scores")
-        metadata["metrics"] = metrics
+        rates = threshold_rates(run.test_set.labels, metrics["scores"], metadata["threshold"])
+        _curve_point(run, metrics, metadata["threshold"])
+        metadata["metrics"] = {**metrics, **rates, "curve": run.curve}  # test scores per image kept
         write()
         logger.info("test metrics: %s", json.dumps(metrics["overall"]))
     (run.run_dir / STATE_FILE).unlink(missing_ok=True)

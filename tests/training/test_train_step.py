@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,3 +102,22 @@ def test_the_cli_trains_with_the_fast_recipe_unless_told_otherwise(tmp_path: Pat
     assert settings.checkpoint_dtype == RECIPES["fast"]["checkpoint_dtype"]  # from the recipe
     assert main([*common, "--resume", "--recipe", "paper"]) == 2
     assert "--recipe paper (the run has fast)" in capsys.readouterr().err
+
+
+def test_eval_every_records_a_learning_curve(tmp_path: Path, cookie_dir: Path) -> None:
+    from tests.training.conftest import tiny_train_args
+    from training.checkpoint import read_metadata
+    from training.train import CURVE_FILE
+
+    run_dir = tmp_path / "run"
+    assert main(tiny_train_args(cookie_dir, run_dir, "--eval-every", "1", steps=3)) == 0
+    curve = read_metadata(run_dir)["metrics"]["curve"]
+    assert [point["step"] for point in curve] == [1, 2, 3]  # every step, the last one by `finish`
+    assert [point["seconds"] for point in curve] == sorted(point["seconds"] for point in curve)
+    for point in curve:
+        assert 0.0 <= point["image_auroc"] <= 1.0 and 0.0 <= point["threshold_detection_rate"] <= 1.0
+        assert point["defects_caught"] + point["good_flagged"] <= 10  # the 10 bundled test photos
+    written = json.loads((run_dir / CURVE_FILE).read_text())
+    assert written == curve  # the file grows during training: progress can be watched
+    validation = read_metadata(run_dir)["validation_scores"]
+    assert max(validation["values"].values()) == validation["max"] == read_metadata(run_dir)["threshold"]
