@@ -133,8 +133,20 @@ def test_detection_rate_is_one_minus_the_miss_rate() -> None:
     assert detection_rate(defects, 0.3) == 0.25 and miss_rate(defects, 0.3) == 0.75
 
 
-def test_default_threshold_flags_no_validation_image() -> None:
-    scores = np.array([0.2, 0.5, 0.1])
-    assert default_threshold(scores) == 0.5 and false_alarm_rate_of(scores, default_threshold(scores)) == 0.0
+def test_default_threshold_is_the_log_normal_fits_0995_quantile() -> None:
+    from scipy import stats
+
+    scores = np.array([0.0426, 0.0616, 0.0967])  # the shipped cookie model's three validation photos
+    fitted = stats.lognorm(s=np.log(scores).std(ddof=1), scale=np.exp(np.log(scores).mean()))
+    assert default_threshold(scores) == pytest.approx(fitted.ppf(0.995), rel=1e-9)
+    assert default_threshold(scores) > scores.max()  # three photos: the max would be one draw of the tail
+    generator = np.random.default_rng(0)
+    many = np.exp(generator.normal(-2.5, 0.3, size=200_000))  # log-normal good scores
+    assert false_alarm_rate_of(many, default_threshold(many)) == pytest.approx(0.005, abs=0.001)
+
+
+def test_default_threshold_falls_back_to_the_max_for_fewer_than_three_scores() -> None:
+    assert default_threshold([0.2, 0.5]) == 0.5 and default_threshold([0.3]) == 0.3
+    assert default_threshold([0.0, 0.2, 0.4]) == 0.4  # a zero score has no log
     with pytest.raises(ValueError, match="at least one held-out"):
         default_threshold([])
