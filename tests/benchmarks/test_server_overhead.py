@@ -203,7 +203,8 @@ def test_a_window_shorter_than_one_answer_still_counts_an_answer(null_server: Se
     recording = asyncio.run(run())
     assert not recording.errors
     latencies = recording.latencies_ms
-    # the window opens once each connection has had an answer, and counts only requests sent inside it:
-    # it ends within the 4 ms cap plus an answer in flight at its start and one sent inside it
-    assert 0.001 < recording.window_s <= 0.004 + 2 * max(latencies) / 1000.0
+    # the window opens once each connection has had an answer and counts only requests sent inside it, so
+    # it outlasts the 1 ms asked for by at least the counted answer (and by the answers in flight at its
+    # start, which a loaded machine makes slow: no tight upper bound)
+    assert max(latencies) / 1000.0 <= recording.window_s < 1.0
     assert len(latencies) >= 1 and set(recording.stages_ms) >= {"decode", "inference"}
