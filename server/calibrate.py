@@ -37,13 +37,11 @@ from efficientad.scores import (
     threshold_for_false_alarm_rate,
 )
 from server.backends import OnnxRuntimeBackend
-from server.client import CONTENT_TYPES_BY_SUFFIX, content_type_for
 from server.config import Settings
-from server.imaging import ImageError, decode_for_model
+from server.imaging import IMAGE_SUFFIXES, ImageError, content_type_for, decode_for_model
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = tuple(CONTENT_TYPES_BY_SUFFIX)  # .jpg .jpeg .png .bmp .tif .tiff .webp
 DEFAULT_FALSE_ALARM_RATE = 0.01
 DEFAULT_BATCH_SIZE = 8
 SOURCE = "efficientad calibrate"

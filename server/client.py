@@ -27,15 +27,6 @@ if TYPE_CHECKING:
 # building the CLI parser does not import numpy and Pillow.
 HEATMAP_STYLE_CHOICES = ("gray", "jet", "overlay")
 HEATMAP_SIZE_CHOICES = ("model", "original")
-CONTENT_TYPES_BY_SUFFIX = {
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-    ".bmp": "image/bmp",
-    ".tif": "image/tiff",
-    ".tiff": "image/tiff",
-    ".webp": "image/webp",
-}
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_CONCURRENT_REQUESTS = 8
 EXIT_OK = 0
@@ -77,11 +68,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="also log each HTTP request (httpx's INFO lines)"
     )
-
-
-def content_type_for(path: Path) -> str:
-    """The Content-Type for an image file's suffix; unknown suffixes let the server detect the format."""
-    return CONTENT_TYPES_BY_SUFFIX.get(path.suffix.lower(), "application/octet-stream")
 
 
 def heatmap_filenames(images: list[Path]) -> list[str]:
@@ -135,6 +121,8 @@ def _predict_one(
     client: httpx.Client, url: str, params: dict[str, str], path: Path, heatmap_path: Path | None
 ) -> PredictionLine:
     import httpx
+
+    from server.imaging import content_type_for  # numpy and Pillow: not at parser-building time
 
     headers = {"Content-Type": content_type_for(path)}
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +27,23 @@ from server import jpeg
 logger = logging.getLogger(__name__)
 
 SUPPORTED_CONTENT_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/tiff", "image/webp")
+# The Content-Type of an image file by its suffix (the `predict` client and `calibrate` read files).
+CONTENT_TYPES_BY_SUFFIX = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".webp": "image/webp",
+}
+IMAGE_SUFFIXES = tuple(CONTENT_TYPES_BY_SUFFIX)  # .jpg .jpeg .png .bmp .tif .tiff .webp
+
+
+def content_type_for(path: Path) -> str:
+    """The Content-Type for an image file's suffix; unknown suffixes let the server detect the format."""
+    return CONTENT_TYPES_BY_SUFFIX.get(path.suffix.lower(), "application/octet-stream")
+
 
 # Pillow's opener for each content type (its JPEG opener also reads multi-picture JPEGs, format "MPO").
 _FORMATS_BY_CONTENT_TYPE = {

@@ -25,12 +25,11 @@ from efficientad.errors import UserError
 from server.client import (
     HEATMAP_STYLE_CHOICES,
     add_predict_arguments,
-    content_type_for,
     heatmap_filenames,
     predict_command,
 )
 from server.heatmap import HEATMAP_STYLES, render_heatmap
-from server.imaging import ImageError, decode_for_model
+from server.imaging import ImageError, content_type_for, decode_for_model
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples" / "cookie" / "test"
