@@ -304,7 +304,8 @@ def device_description(device: torch.device) -> str:
             if line.startswith("model name"):
                 model = line.partition(":")[2].strip() + ", "
                 break
-    return f"cpu ({model}{torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({model}{threads} thread{'' if threads == 1 else 's'})"
 
 
 def format_table(result: dict[str, Any]) -> str:
