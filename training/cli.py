@@ -13,6 +13,8 @@ from pathlib import Path
 # Flags of `train` that map one-to-one onto TrainSettings fields (None = not given on the command line).
 TRAIN_FLAGS = (
     "augment",
+    "penalty_crop",
+    "eval_every",
     "size",
     "steps",
     "image_size",
@@ -104,8 +106,25 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--size", choices=["small", "medium"], default=None, help="EfficientAD-S or -M (small)"
     )
-    train.add_argument("--steps", type=int, default=None, help="training steps (default 70000)")
-    train.add_argument("--image-size", type=int, default=None, help="square input size (default 256)")
+    train.add_argument(
+        "--recipe",
+        choices=["fast", "paper"],
+        default=None,
+        help="preset settings: fast (default; a CPU in under an hour: few thousand steps at 128 px, penalty "
+        "on half-size crops) or paper (70000 steps at 256 px, lr 1e-4); the flags below override it",
+    )
+    train.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    train.add_argument(
+        "--image-size", type=int, default=None, help="square input size (default: the recipe's)"
+    )
+    train.add_argument(
+        "--penalty-crop",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="side of the natural-image crops for the penalty term (default: the recipe's; paper: the "
+        "image size)",
+    )
     train.add_argument(
         "--teacher",
         default=None,
@@ -145,6 +164,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "are computed on the rounded weights); default float32",
     )
     train.add_argument("--save-every", type=int, default=None, help="steps between resumable states (1000)")
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="evaluate on DATA_DIR/test every STEPS steps: the learning curve (test metrics against steps "
+        "and training seconds) in RUN_DIR/curve.json and the checkpoint; default 0 (at the end only)",
+    )
     train.add_argument(
         "--augment",
         choices=["none", "geometric"],
@@ -210,6 +237,8 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     check.set_defaults(handler=teacher_check_command)
 
 
+DEFAULT_RECIPE = "fast"  # `efficientad train` without --recipe: the CPU default
+
 DISTILL_FLAGS = (
     "backbone",
     "size",
@@ -251,6 +280,10 @@ def train_command(args: argparse.Namespace) -> int:
     from training.train import TrainSettings, load_saved_state, train
 
     given = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if not args.resume:
+        given["recipe"] = args.recipe or DEFAULT_RECIPE
+    elif args.recipe is not None:
+        given["recipe"] = args.recipe  # must match the run's own (training.run_state.resumed_settings)
     run_dir = train(
         args.data_dir,
         args.out,
