@@ -169,7 +169,7 @@ STAGE_HEADER = ["JPEG input", "stage", "p50 ms", "p90 ms", "p99 ms", "detail"]
 HTTP_HEADER = ["mode", "concurrency / rate", "p50 ms", "p95 ms", "p99 ms", "req/s", "mean batch"]
 HTTP_HEADER += ["server queue p50 ms", "server inference p50 ms", "ok", "errors"]
 TRAINING_HEADER = ["stage", "precision", "image", "crop", "batch", "median s/step", "p90 s/step"]
-TRAINING_HEADER += ["steps/s", "images/s"]
+TRAINING_HEADER += ["steps/s", "images/s", "GFLOP/step", "GFLOP/s"]
 
 
 def _backend_cells(row: dict[str, Any]) -> list[str]:
@@ -222,6 +222,8 @@ def _training_cells(row: dict[str, Any]) -> list[str]:
         _fmt(row["p90_s"], 4),
         _fmt(row["steps_per_s"], 2),
         _fmt(row["images_per_s"], 1),
+        _fmt(row.get("gflop_per_step"), 1),
+        _fmt(row.get("gflop_per_s"), 1),
     ]
 
 

@@ -83,6 +83,8 @@ class TrainingRow(_Strict):
     images_per_s: Number
     steps: int
     warmup: int
+    gflop_per_step: Number | None = None  # FlopCounterMode over one step (reports from 2026-12-02 on)
+    gflop_per_s: Number | None = None
 
 
 class TrainingSpeed(_Strict):

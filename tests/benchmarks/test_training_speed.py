@@ -91,7 +91,8 @@ def test_report_carries_the_rows_and_renders_the_training_table(section: Trainin
     heading = lines.index(f"### Training speed ({section.device}; seconds per optimiser step)")
     assert lines[heading + 2] == "| " + " | ".join(TRAINING_HEADER) + " |"
     assert TRAINING_HEADER == [
-        "stage", "precision", "image", "crop", "batch", "median s/step", "p90 s/step", "steps/s", "images/s"
+        "stage", "precision", "image", "crop", "batch", "median s/step", "p90 s/step", "steps/s", "images/s",
+        "GFLOP/step", "GFLOP/s",
     ]  # fmt: skip
     table = []
     for line in lines[heading + 2 :]:
