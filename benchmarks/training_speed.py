@@ -213,7 +213,13 @@ def train_step(
     teacher's features of the (unaugmented) training images cached as the loop caches them."""
     from training.model import EfficientAD
     from training.networks import PDN, Autoencoder
-    from training.train import TrainingImages, cached_teacher_features, new_optimizer, optimizer_step
+    from training.train import (
+        TrainingImages,
+        cached_teacher_features,
+        new_optimizer,
+        optimizer_step,
+        to_training_device,
+    )
     from training.train import train_step as training_step
 
     generator = torch.Generator().manual_seed(seed)
@@ -222,7 +228,8 @@ def train_step(
         PDN(size="small", out_channels=2 * TEACHER_CHANNELS),
         Autoencoder(out_channels=TEACHER_CHANNELS, image_size=image_size),
         image_size=image_size,
-    ).to(device)
+    )
+    to_training_device(model, device)  # as training places it (channels-last on a CPU)
     model.student.train()
     model.autoencoder.train()
     model.teacher.eval().requires_grad_(False)

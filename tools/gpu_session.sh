@@ -15,6 +15,7 @@ DISTILL_STEPS=${DISTILL_STEPS:-7000}  # x DISTILL_BATCH 16 = 112,000 images seen
 DISTILL_BATCH=${DISTILL_BATCH:-16}
 DISTILL_IMAGE=${DISTILL_IMAGE:-256}
 DISTILL_CROP=${DISTILL_CROP:-$DISTILL_IMAGE}
+DISTILL_TARGET=${DISTILL_TARGET:-lite0-s8s16}  # Lite0's stride-8 and -16 stages, as the paper's layer2 + layer3
 TRAIN_STEPS=${TRAIN_STEPS:-10000}  # the paper: 70,000 (about 35 min alone on an H200)
 EVAL_EVERY=${EVAL_EVERY:-1000}
 DATASETS=${DATASETS:-cookie elpv/mono elpv/poly}
@@ -32,7 +33,7 @@ work=$(mktemp -d)
 } > "$OUT/summary.txt" 2>&1
 
 start=$(date +%s)
-ead distill "$DATA/natural" --backbone efficientnet-lite0 --out "$OUT/teacher_small.safetensors" \
+ead distill "$DATA/natural" --target "$DISTILL_TARGET" --out "$OUT/teacher_small.safetensors" \
   --steps "$DISTILL_STEPS" --batch-size "$DISTILL_BATCH" --image-size "$DISTILL_IMAGE" \
   --crop-size "$DISTILL_CROP" --device "$DEVICE" > "$work/distill.log" 2>&1
 echo "distill rc=$? seconds=$(( $(date +%s) - start ))" >> "$OUT/summary.txt"

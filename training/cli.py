@@ -43,6 +43,14 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "image_dir", type=Path, metavar="IMAGE_DIR", help="folder of images (e.g. ImageNet samples)"
     )
     distill.add_argument("--backbone", choices=["efficientnet-lite0", "wide-resnet101"], default=None)
+    distill.add_argument(
+        "--target",
+        default=None,
+        metavar="VARIANT",
+        help="the backbone features to learn, as the teacher-check names them: <backbone>[-s8s16...]"
+        "[-x<scale>], e.g. lite0-s8s16 (Lite0's stride-8 and -16 stages, as the paper's layer2 + layer3); "
+        "names its own backbone, so --backbone is not needed (default: --backbone's default stages)",
+    )
     distill.add_argument("--out", type=Path, required=True, metavar="TEACHER.safetensors")
     distill.add_argument("--size", choices=["small", "medium"], default=None, help="PDN size (default small)")
     distill.add_argument("--steps", type=int, default=None, help="optimizer steps (default 10000)")
@@ -241,6 +249,7 @@ DEFAULT_RECIPE = "fast"  # `efficientad train` without --recipe: the CPU default
 
 DISTILL_FLAGS = (
     "backbone",
+    "target",
     "size",
     "steps",
     "batch_size",

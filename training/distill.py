@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from efficientad.errors import UserError
 from training.augment import GRAY_WEIGHTS
-from training.backbones import BACKBONES, Backbone, build_backbone
+from training.backbones import BACKBONES, Backbone, BackboneTarget
 from training.checkpoint import file_sha256, versions
 from training.device import autocast, resolve_device, resolve_precision
 from training.images import list_images, load_rgb, to_uint8_tensor
@@ -65,6 +65,7 @@ MIN_CROP = 48  # px: 12 cells, of which the 4 x 4 interior (PDN_BORDER_CELLS off
 @dataclass
 class DistillSettings:
     backbone: str = "efficientnet-lite0"
+    target: str | None = None  # a target variant ("lite0-s8s16", see BackboneTarget); None: `backbone`
     size: ModelSize = "small"
     steps: int = 10_000
     batch_size: int = 8
@@ -79,7 +80,9 @@ class DistillSettings:
     device: str = "auto"
 
     def check(self) -> None:
-        if self.backbone not in BACKBONES:
+        if self.target is not None:
+            self.backbone_target()  # a BackboneError naming the variant if it cannot be parsed
+        elif self.backbone not in BACKBONES:
             raise UserError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.size not in ("small", "medium"):
             raise UserError(f"--size must be small or medium, got {self.size!r}")
@@ -104,6 +107,12 @@ class DistillSettings:
     @property
     def crop(self) -> int:
         return self.crop_size or self.image_size
+
+    def backbone_target(self) -> BackboneTarget:
+        """What the PDN learns: `target` if given (it names its own backbone), else `backbone`'s default."""
+        if self.target is not None:
+            return BackboneTarget.parse(self.target)
+        return BackboneTarget(backbone=self.backbone)
 
 
 def dataset_fingerprint(paths: list[Path]) -> tuple[str, str]:
@@ -373,14 +382,13 @@ def distill_teacher(
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
+    target = settings.backbone_target()
     logger.info(
         "distilling a PDN-%s teacher from %s on %d images on %s (%s, %s px crops of %s px)",
-        settings.size, settings.backbone, len(paths), device, precision, settings.crop, settings.image_size,
+        settings.size, target.name, len(paths), device, precision, settings.crop, settings.image_size,
     )  # fmt: skip
 
-    extractor = build_backbone(
-        settings.backbone, image_size=settings.image_size, weights=backbone_weights, device=device
-    )
+    extractor = target.build(image_size=settings.image_size, weights=backbone_weights, device=device)
     images = DistillationImages(paths, image_size=settings.image_size, backbone_size=extractor.input_size)
     targets = DistillationTargets(
         images, extractor, device, precision=precision, cache_bytes=settings.cache_gb * 2**30
@@ -430,7 +438,7 @@ def distill_teacher(
     progress = tqdm(
         total=settings.steps,
         initial=start_step,
-        desc=f"distill {settings.backbone} -> PDN-{settings.size[0].upper()}",
+        desc=f"distill {target.name} -> PDN-{settings.size[0].upper()}",
         unit="step",
         dynamic_ncols=True,
     )
@@ -466,7 +474,10 @@ def distill_teacher(
     logger.info("distillation done in %.0f s, final loss %.4f", seconds, final_loss)
 
     metadata = {
-        "backbone": settings.backbone,
+        "backbone": target.backbone,
+        "target": target.name,
+        "target_strides": json.dumps(list(extractor.strides)),
+        "target_input_scale": f"{target.input_scale:g}",
         "backbone_weights": extractor.weights_path.name,
         "backbone_weights_sha256": file_sha256(extractor.weights_path),
         "aggregation": "patchcore-3x3-1024-384",

@@ -183,6 +183,12 @@ def describe_target(target: BackboneTarget, backbone: Backbone) -> str:
     return f"{target.backbone}, strides {strides}, input {backbone.input_size} px"
 
 
+def teacher_target(metadata: dict[str, str]) -> str:
+    """The target a teacher file was distilled from: its `target` variant (teachers distilled with
+    --target), else its backbone's default stages (older teachers), else DEFAULT_TARGET (random)."""
+    return metadata.get("target") or metadata.get("backbone", DEFAULT_TARGET)
+
+
 # --- the check ---------------------------------------------------------------------------------------------
 
 
@@ -217,7 +223,7 @@ def teacher_check(
     )
     settings.check()
     if targets is None:
-        targets = [metadata.get("backbone", DEFAULT_TARGET)]
+        targets = [teacher_target(metadata)]
     parsed = [BackboneTarget.parse(name) for name in targets]  # a BackboneError before any work
     category = scan_category(Path(data_dir))
     labels = np.array([sample.is_anomalous for sample in category.test_samples], dtype=bool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ HARNESS = REPO / "fuzz" / "fuzz_imaging.py"
 EXAMPLES = int(os.environ.get("EAD_FUZZ_EXAMPLES", "25"))  # per API operation and mode
 BYTE_EXAMPLES = int(os.environ.get("EAD_FUZZ_BYTE_EXAMPLES", "400"))
 ATHERIS_RUNS = int(os.environ.get("EAD_FUZZ_ATHERIS_RUNS", "10000"))
+FUZZ_RSS_BUDGET_MB = 2048  # what the fuzzing child may use beyond the peak it inherits
 
 
 def load_harness() -> ModuleType:
@@ -200,9 +202,14 @@ def test_atheris_coverage_guided_run(tmp_path: Path) -> None:
     harness.write_seeds(corpus)
     for path in REGRESSIONS:
         shutil.copy(path, corpus / path.name)
+    # libFuzzer's RSS check reads the process's peak RSS (getrusage), and Linux carries this pytest
+    # process's peak (over 2 GB after the torch tests) across spawn + exec: the child would "run out of
+    # memory" before its first input. The limit is 2 GB on top of what it inherits.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # ru_maxrss: KiB on Linux
+    limits = [f"-rss_limit_mb={FUZZ_RSS_BUDGET_MB + inherited_mb}", f"-malloc_limit_mb={FUZZ_RSS_BUDGET_MB}"]
     # a fixed seed keeps CI reproducible; longer unseeded runs: `make fuzz` (docs/reliability.md, "Fuzzing")
     command = [sys.executable, str(HARNESS), str(corpus), f"-runs={ATHERIS_RUNS}", "-seed=1",
-               "-max_len=65536", "-max_total_time=120", f"-artifact_prefix={tmp_path}/"]  # fmt: skip
+               "-max_len=65536", "-max_total_time=120", f"-artifact_prefix={tmp_path}/", *limits]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Done" in result.stderr, result.stderr[-2000:]

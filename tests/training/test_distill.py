@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from efficientad.cli import main
 from efficientad.errors import UserError
-from training.backbones import build_backbone
+from training.backbones import BackboneError, build_backbone
 from training.checkpoint import CheckpointError
 from training.device import resolve_precision
 from training.distill import (
@@ -29,6 +29,7 @@ from training.distill import (
 from training.images import DataError, list_images, load_image_tensor
 from training.model import imagenet_normalise
 from training.networks import PDN, PDN_BORDER_CELLS, pdn_output_size
+from training.teacher_check import teacher_target
 from training.teacher_file import load_teacher, save_teacher
 
 NATURAL = Path(__file__).resolve().parents[2] / "samples" / "natural"
@@ -197,6 +198,25 @@ def test_crop_distillation_runs_and_records_its_settings(tmp_path: Path) -> None
     assert metadata["aggregation"].startswith("patchcore")
     with pytest.raises(UserError, match="--crop-size"):
         distill_teacher(NATURAL, tmp_path / "u.safetensors", steps=1, image_size=64, crop_size=30)
+
+
+def test_distill_target_variant_learns_those_stages_and_says_so(tmp_path: Path) -> None:
+    """--target lite0-s8s16: the PDN learns Lite0's stride-8 and -16 stages (not the default three), the
+    teacher file names the variant, and the teacher-check compares the teacher with that variant."""
+    settings = dict(steps=2, batch_size=2, image_size=48, device="cpu", seed=1)
+    default = distill_teacher(NATURAL, tmp_path / "default.safetensors", **settings)
+    variant = distill_teacher(NATURAL, tmp_path / "s8s16.safetensors", target="lite0-s8s16", **settings)
+    metadata = load_teacher(variant)[1]
+    assert (metadata["target"], metadata["target_strides"]) == ("lite0-s8s16", "[8, 16]")
+    assert metadata["backbone"] == "efficientnet-lite0"
+    assert load_teacher(default)[1]["target"] == "lite0"
+    assert teacher_target(metadata) == "lite0-s8s16"  # what the teacher-check compares it with
+    assert teacher_target({"backbone": "efficientnet-lite0"}) == "efficientnet-lite0"  # older teachers
+    # different targets, so different first steps from the same seed: the variant really was learnt
+    first, second = load_teacher(default)[0], load_teacher(variant)[0]
+    assert not torch.equal(first.layers[0].weight, second.layers[0].weight)
+    with pytest.raises(BackboneError, match="unknown target"):
+        distill_teacher(NATURAL, tmp_path / "bad.safetensors", target="vgg16-s8", steps=1)
 
 
 def test_distill_resume_continues_bit_identically(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from efficientad.cli import main
 from efficientad.errors import UserError
+from efficientad.scores import default_threshold
 from tests.training.conftest import NATURAL
 from training.augment import random_color_jitter, random_penalty_crops
 from training.images import load_image_tensor
@@ -120,4 +121,5 @@ def test_eval_every_records_a_learning_curve(tmp_path: Path, cookie_dir: Path) -
     written = json.loads((run_dir / CURVE_FILE).read_text())
     assert written == curve  # the file grows during training: progress can be watched
     validation = read_metadata(run_dir)["validation_scores"]
-    assert max(validation["values"].values()) == validation["max"] == read_metadata(run_dir)["threshold"]
+    assert max(validation["values"].values()) == validation["max"]
+    assert read_metadata(run_dir)["threshold"] == default_threshold(list(validation["values"].values()))
