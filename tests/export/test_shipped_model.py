@@ -21,8 +21,9 @@ SAMPLES = ROOT / "samples" / "cookie" / "test"
 def test_the_shipped_teacher_is_distilled() -> None:
     _, metadata = load_teacher(DEFAULT_TEACHER_PATH)
     assert metadata["backbone"] == "efficientnet-lite0"
+    assert metadata["target"] == "lite0-s8s16" and metadata["target_strides"] == "[8, 16]"
     assert metadata["aggregation"].startswith("patchcore")
-    assert int(metadata["images_seen"]) >= 20_000
+    assert int(metadata["images_seen"]) >= 100_000  # issue 21: at least 100,000 image views
     assert float(metadata["final_loss"]) <= 0.8 * float(metadata["initial_loss"])  # >= 20% down
     assert metadata["num_images"] == "1000" and metadata["dataset"] == "natural"
 
@@ -90,9 +91,8 @@ COOKIE_TEST = ROOT.parent / "shared" / "data" / "cookie" / "test"
 @needs_shipped_model
 @pytest.mark.skipif(not COOKIE_TEST.is_dir(), reason="../shared/data/cookie is not present")
 def test_the_shipped_model_on_the_full_cookie_test_set(tmp_path: Path) -> None:
-    """The README's figure: image AUROC 0.930 on the 54 test photos (12 of 14 good ones below every
-    defective one; test-normal-1.jpg above 37 of the 40, test-normal-14.jpg above 2), through the exported
-    graph as the server runs it."""
+    """The README's figure: image AUROC 0.929 on the 54 test photos (13 of 14 good ones below every
+    defective one; test-normal-1.jpg above all 40), through the exported graph as the server runs it."""
     import onnxruntime
 
     from efficientad.model_dir import INPUT_NAME
@@ -111,8 +111,8 @@ def test_the_shipped_model_on_the_full_cookie_test_set(tmp_path: Path) -> None:
         scores.append(float(session.run(None, {INPUT_NAME: image[None]})[1][0]))
     labels_array, scores_array = np.array(labels), np.array(scores)
     assert labels_array.sum() == 40 and (~labels_array).sum() == 14
-    # 0.930 measured = 39 of the 560 good/defect pairs out of order; 0.925 leaves one pair of slack for
+    # 0.929 measured = 40 of the 560 good/defect pairs out of order; 0.925 leaves two pairs of slack for
     # another JPEG decoder or ONNX Runtime build moving two scores 1% apart
     assert image_auroc(labels_array, scores_array) >= 0.925
     good_below_all_defects = (scores_array[~labels_array] < scores_array[labels_array].min()).sum()
-    assert good_below_all_defects >= 12
+    assert good_below_all_defects >= 13

@@ -1,5 +1,6 @@
-"""The one-module refactor changed no score: the shipped cookie model, evaluated through `EfficientAD`, gives
-the scores that the code before it (separate map functions, commit ae05815) recorded for every test photo."""
+"""No change to the model code moves a score: the shipped cookie model, evaluated through `EfficientAD`,
+gives the scores recorded for every test photo when it shipped (data/shipped_cookie_scores.json; the
+recording before it, for the previous model, checked the one-module refactor against commit ae05815)."""
 
 from __future__ import annotations
 
