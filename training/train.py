@@ -72,7 +72,7 @@ MIN_PENALTY_CROP = 48  # px: the unpadded PDN's smallest useful input (a few out
 RECIPES: dict[str, dict[str, Any]] = {
     # the paper: 70,000 steps at 256 px, batch 1, Adam lr 1e-4 (0.1x after 95%), penalty at full size
     "paper": {},
-    # the CPU default: 12,000 steps at 128 px (about 47 min on 2 cores), penalty on half-size crops
+    # the CPU default: 12,000 steps at 128 px (45.0 min measured on 2 cores), penalty on half-size crops
     # (docs/training.md: 6,000 steps left elpv mono at 0.835, 12,000 reached 0.874)
     "fast": {"steps": 12000, "image_size": 128, "penalty_crop": 64, "checkpoint_dtype": "float16"},
 }
