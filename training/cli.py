@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from training.recipes import DEFAULT_RECIPE, RECIPES, recipe_help
+
 # Flags of `train` that map one-to-one onto TrainSettings fields (None = not given on the command line).
 TRAIN_FLAGS = (
     "augment",
@@ -116,10 +118,9 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--recipe",
-        choices=["fast", "paper"],
+        choices=sorted(RECIPES),
         default=None,
-        help="preset settings: fast (default; a CPU in under an hour: 12000 steps at 128 px, penalty "
-        "on half-size crops) or paper (70000 steps at 256 px, lr 1e-4); the flags below override it",
+        help=recipe_help(),
     )
     train.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     train.add_argument(
@@ -244,8 +245,6 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     check.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     check.set_defaults(handler=teacher_check_command)
 
-
-DEFAULT_RECIPE = "fast"  # `efficientad train` without --recipe: the CPU default
 
 DISTILL_FLAGS = (
     "backbone",

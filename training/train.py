@@ -50,6 +50,7 @@ from training.evaluate import evaluate_model, threshold_rates
 from training.losses import autoencoder_loss, hard_feature_loss, penalty_loss, student_autoencoder_loss
 from training.model import EfficientAD, MapStatistics, imagenet_normalise, normalise_unit_images
 from training.networks import PDN, TEACHER_CHANNELS, Autoencoder, ModelSize
+from training.recipes import PAPER_IMAGE_SIZE, PAPER_LEARNING_RATE, PAPER_STEPS, RECIPES
 from training.run_state import RunState, load_run_state, resumed_settings, save_run_state
 from training.signals import sigterm_as_interrupt
 from training.statistics import fit_map_quantiles, image_scores, teacher_channel_stats
@@ -68,27 +69,19 @@ AUGMENTATIONS = ("none", "geometric")
 MAX_PENALTY_IMAGES = 1000  # penalty images kept in memory at 2x the input size (a seeded subset if more)
 LOSS_NAMES = ("hard", "penalty", "ae", "stae")
 MIN_PENALTY_CROP = 48  # px: the unpadded PDN's smallest useful input (a few output cells)
-# Presets for `efficientad train --recipe`; TrainSettings' own defaults are the paper's.
-RECIPES: dict[str, dict[str, Any]] = {
-    # the paper: 70,000 steps at 256 px, batch 1, Adam lr 1e-4 (0.1x after 95%), penalty at full size
-    "paper": {},
-    # the CPU default: 12,000 steps at 128 px (45.0 min measured on 2 cores), penalty on half-size crops
-    # (docs/training.md: 6,000 steps left elpv mono at 0.835, 12,000 reached 0.874)
-    "fast": {"steps": 12000, "image_size": 128, "penalty_crop": 64, "checkpoint_dtype": "float16"},
-}
 
 
 @dataclass
 class TrainSettings:
     size: ModelSize = "small"
-    steps: int = 70_000
-    image_size: int = 256
+    steps: int = PAPER_STEPS
+    image_size: int = PAPER_IMAGE_SIZE
     teacher: str | None = None  # a teacher .safetensors path, "random", or None for DEFAULT_TEACHER_PATH
     penalty_dir: str | None = None  # any folder of images (e.g. ImageNet samples); None: no penalty term
     device: str = "auto"
     seed: int = 0
     batch_size: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float = PAPER_LEARNING_RATE
     weight_decay: float = 1e-5
     validation_fraction: float = 0.1
     precision: str = "auto"  # auto, fp32 or bf16 (autocast of the forward passes; see training.device)

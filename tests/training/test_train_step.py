@@ -93,6 +93,16 @@ def test_recipes_are_presets_that_explicit_settings_override() -> None:
         TrainSettings.from_recipe("fast", penalty_crop=256).check()  # larger than the image
 
 
+def test_the_recipe_help_reads_the_presets(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    fast = RECIPES["fast"]
+    assert f"{fast['steps']} steps at {fast['image_size']} px" in help_text
+    assert "70000 steps at 256 px, lr 1e-4" in help_text
+    assert "--recipe {fast,paper}" in help_text
+
+
 def test_the_cli_trains_with_the_fast_recipe_unless_told_otherwise(tmp_path: Path, cookie_dir: Path, capsys):
     run_dir = tmp_path / "run"
     common = ["train", str(cookie_dir), "--out", str(run_dir), "--teacher", "random", "--device", "cpu"]
