@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    figure, axes = plt.subplots(figsize=(7.5, 5.5), dpi=120)
     for index, (run, label) in enumerate(zip(args.runs, labels, strict=True)):
         curve = read_curve(run)
         minutes = [point["seconds"] / 60 for point in curve]
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     axes.set_ylabel("image AUROC")
     axes.set_title(args.title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
+    # below the axes, so that no curve hides behind it
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     figure.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out)
