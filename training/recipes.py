@@ -1,7 +1,7 @@
 """The presets of `efficientad train --recipe`, torch-free so that the CLI's help can read them.
 
-`TrainSettings` (training.train) takes its defaults from `PAPER` and applies a recipe's settings on top;
-explicit flags win over both.
+`TrainSettings` (training.train) takes its defaults from the `PAPER_*` constants and applies a recipe's
+settings on top; explicit flags win over both.
 """
 
 from __future__ import annotations
